@@ -1,0 +1,1 @@
+"""Neural-network layers of graphmil (PyG aggregations, message passing, anchors, transformers)."""
