@@ -1,1 +1,5 @@
-"""Neural-network layers of graphmil (PyG aggregations, message passing, anchors, transformers)."""
+"""Neural-network layers: pools (``aggr``), Sm (``conv``), anchors, transformers, CASii keys."""
+
+from graphmil._lazy import lazy_namespace
+
+__getattr__, __dir__ = lazy_namespace(__name__, ["masking", "transformer", "casii", "anchor"])

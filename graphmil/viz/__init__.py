@@ -1,1 +1,5 @@
-"""graphmil.viz."""
+"""Attention heatmaps."""
+
+from graphmil._lazy import lazy_namespace
+
+__getattr__, __dir__ = lazy_namespace(__name__, ["heatmap"])

@@ -1,6 +1,7 @@
 """Attention pools as PyG aggregations."""
 
-from graphmil.nn.aggr.base import AttentionPool, PoolOutput
+from graphmil._lazy import lazy_namespace
 from graphmil.nn.aggr.attention import AttentionAggregation
+from graphmil.nn.aggr.base import AttentionPool, PoolOutput
 
-__all__ = ["AttentionPool", "PoolOutput", "AttentionAggregation"]
+__getattr__, __dir__ = lazy_namespace(__name__, ["dsmil", "multibranch", "sm_attention", "casii"])
