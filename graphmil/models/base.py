@@ -69,6 +69,10 @@ class MILModel(torch.nn.Module):
             num_bags = int(batch.num_graphs) if hasattr(batch, "num_graphs") else int(index.max()) + 1
         return x, index, num_bags
 
+    def prepare(self, train_bags) -> None:
+        """Hook called by the trainer once before fitting, with the bags of the *training split
+        only* (an iterable of ``Data``). CASii builds its negative key bank here. Default: nothing."""
+
     def losses(self, out: MILOutput, batch: Data | Batch, epoch: int = 0) -> Dict[str, Tensor]:
         """Named loss terms for one batch; their sum is minimised. Default: the bag task loss
         plus ``out.aux_losses``."""
