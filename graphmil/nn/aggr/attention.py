@@ -10,7 +10,6 @@ from torch.nn import Dropout, Linear
 
 from graphmil.nn.aggr.base import AttentionPool, PoolOutput
 from graphmil.utils import segment_softmax
-from torch_geometric.utils import scatter
 
 __all__ = ["AttentionAggregation"]
 
@@ -103,11 +102,19 @@ class AttentionAggregation(AttentionPool):
                 f"AttentionAggregation: expected x with {self.in_channels} features, got {x.size(-1)}"
             )
         index, dim_size = self._prepare(x, index, ptr, dim_size, dim, "AttentionAggregation")
+        if mask is not None and (mask.size(0) != x.size(0) or mask.dim() > 2):
+            raise ValueError(
+                f"AttentionAggregation: 'mask' must be [N] or [N, H] with N = {x.size(0)}, got {tuple(mask.shape)}"
+            )
         logits = self.score(x)  # [N, H]
         att = segment_softmax(logits, index, dim_size, mask=mask)  # [N, H]
-        pooled = scatter(att.unsqueeze(-1) * x.unsqueeze(1), index, 0, dim_size, reduce="sum")  # [B, H, F]
+        # one [N, F] product per head (no [N, H, F] broadcast); index_add's backward is an
+        # index_select, cheaper than scatter_add_ with a broadcast index and its gather backward
+        zeros = x.new_zeros(dim_size, x.size(-1))
         if self.heads == 1:
-            return PoolOutput(pooled.squeeze(1), att.squeeze(-1), logits.squeeze(-1), index)
+            pooled = zeros.index_add(0, index, att * x)  # [B, F]
+            return PoolOutput(pooled, att.squeeze(-1), logits.squeeze(-1), index)
+        pooled = torch.stack([zeros.index_add(0, index, att[:, h:h + 1] * x) for h in range(self.heads)], dim=1)
         return PoolOutput(pooled, att, logits, index)
 
     def __repr__(self) -> str:
