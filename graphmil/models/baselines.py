@@ -24,8 +24,26 @@ def positive_score(logits: Tensor) -> Tensor:
     return logits[:, 1:].max(dim=-1).values - logits[:, 0]
 
 
+class _PooledBaseline(MILModel):
+    """Instance MLP + linear classifier shared by the attention-free baselines."""
+
+    def __init__(self, in_channels: int, num_classes: int = 1,
+                 embed_dim: Union[int, Sequence[int]] = 512, dropout: float = 0.0) -> None:
+        super().__init__(in_channels, num_classes)
+        widths = [embed_dim] if isinstance(embed_dim, int) else list(embed_dim)
+        self.embed_dim = embed_dim
+        self.dropout = dropout
+        self.embed = instance_mlp(in_channels, widths, dropout)
+        self.classifier = Linear(widths[-1], num_classes)
+        self.reset_parameters()
+
+    def extra_repr(self) -> str:
+        return (f"in_channels={self.in_channels}, num_classes={self.num_classes}, "
+                f"embed_dim={self.embed_dim}, dropout={self.dropout}")
+
+
 @register_model("meanmil")
-class MeanMIL(MILModel):
+class MeanMIL(_PooledBaseline):
     r"""Mean-pooling MIL baseline (embedding-level mean pooling, e.g. Wang et al., PR 2018).
 
     .. math::
@@ -46,16 +64,6 @@ class MeanMIL(MILModel):
         - **output:** ``bag_logits [B, C]``, ``instance_scores [N]``, ``batch [N]``.
     """
 
-    def __init__(self, in_channels: int, num_classes: int = 1,
-                 embed_dim: Union[int, Sequence[int]] = 512, dropout: float = 0.0) -> None:
-        super().__init__(in_channels, num_classes)
-        widths = [embed_dim] if isinstance(embed_dim, int) else list(embed_dim)
-        self.embed_dim = embed_dim
-        self.dropout = dropout
-        self.embed = instance_mlp(in_channels, widths, dropout)
-        self.classifier = Linear(widths[-1], num_classes)
-        self.reset_parameters()
-
     def forward(self, batch) -> MILOutput:
         x, index, num_bags = self.unpack(batch)
         h = self.embed(x)
@@ -64,13 +72,9 @@ class MeanMIL(MILModel):
         return MILOutput(bag_logits=self.classifier(z), instance_scores=positive_score(inst.detach()),
                          batch=index)
 
-    def extra_repr(self) -> str:
-        return (f"in_channels={self.in_channels}, num_classes={self.num_classes}, "
-                f"embed_dim={self.embed_dim}, dropout={self.dropout}")
-
 
 @register_model("maxmil")
-class MaxMIL(MILModel):
+class MaxMIL(_PooledBaseline):
     r"""Max-pooling MIL baseline (instance-level max pooling, mi-Net; Wang et al., PR 2018).
 
     .. math::
@@ -90,22 +94,8 @@ class MaxMIL(MILModel):
         - **output:** ``bag_logits [B, C]``, ``instance_scores [N]``, ``batch [N]``.
     """
 
-    def __init__(self, in_channels: int, num_classes: int = 1,
-                 embed_dim: Union[int, Sequence[int]] = 512, dropout: float = 0.0) -> None:
-        super().__init__(in_channels, num_classes)
-        widths = [embed_dim] if isinstance(embed_dim, int) else list(embed_dim)
-        self.embed_dim = embed_dim
-        self.dropout = dropout
-        self.embed = instance_mlp(in_channels, widths, dropout)
-        self.classifier = Linear(widths[-1], num_classes)
-        self.reset_parameters()
-
     def forward(self, batch) -> MILOutput:
         x, index, num_bags = self.unpack(batch)
         inst = self.classifier(self.embed(x))
         bag = scatter(inst, index, 0, num_bags, reduce="max")
         return MILOutput(bag_logits=bag, instance_scores=positive_score(inst), batch=index)
-
-    def extra_repr(self) -> str:
-        return (f"in_channels={self.in_channels}, num_classes={self.num_classes}, "
-                f"embed_dim={self.embed_dim}, dropout={self.dropout}")
