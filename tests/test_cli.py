@@ -117,7 +117,8 @@ def test_labels_with_missing_slides(tmp_path, capsys, monkeypatch):
     assert tree(tmp_path) == before
     assert main(["info", str(tmp_path / "feat")]) == 0
     out = capsys.readouterr().out
-    assert "layout" in out and "clam_h5" in out and "spacing" in out
+    assert "layout" in out and "clam_h5" in out and "grid step 512 px" in out
+    assert "differs" not in out  # the step attribute agrees with the coordinates
     assert tree(tmp_path) == before
 
 
