@@ -151,6 +151,65 @@ def sparse_cg_solve(
     return x, it
 
 
+def _sm_recursion(mat: Tensor, u: Tensor, a: float, K: int) -> Tensor:
+    r""":math:`K` steps of :math:`G_t = a\,M G_{t-1} + (1-a) U` with one fused ``addmm`` per step
+    into two reused buffers (CPU; no per-step allocation)."""
+    u = u.contiguous()
+    h = u * (1.0 - a)
+    bufs = (torch.empty_like(u), torch.empty_like(u))
+    g = u
+    for t in range(K):
+        out = bufs[t % 2]
+        torch.addmm(h, mat, g, beta=1.0, alpha=a, out=out)
+        g = out
+    return g
+
+
+class _ApproxSm(torch.autograd.Function):
+    r"""The approx recursion as one autograd node (CPU training path), in :math:`O(N F)` memory.
+
+    :math:`G_K = P(\hat A) U` with :math:`P(z) = (1-\alpha)\sum_{t<K} \alpha^t z^t + \alpha^K z^K`,
+    so :math:`\partial L/\partial U = P(\hat A^\top)\, \bar G` is the same recursion run on the
+    transpose with the incoming gradient :math:`\bar G` as input. For :math:`\alpha` the forward is
+    recomputed together with its tangent :math:`D_t = \partial G_t/\partial\alpha =
+    \hat A G_{t-1} + \alpha \hat A D_{t-1} - U` (:math:`D_0 = 0`), one SpMM of width :math:`2F` per
+    step, and :math:`\partial L/\partial\alpha = \langle \bar G, D_K\rangle`. Nothing of size
+    :math:`K N F` is stored, which removes the page-fault storm of :math:`K` fresh ``[N, F]``
+    temporaries per call on large batches.
+    """
+
+    @staticmethod
+    def forward(ctx, u: Tensor, alpha: Tensor, adj_t: Tensor, adj: Tensor, K: int):  # type: ignore[override]
+        a = float(alpha)
+        ctx.save_for_backward(u, alpha)
+        ctx.adj_t, ctx.adj, ctx.K = adj_t, adj, K
+        return _sm_recursion(adj_t, u, a, K)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: Tensor):  # type: ignore[override]
+        u, alpha = ctx.saved_tensors
+        a, K = float(alpha), ctx.K
+        grad = grad.contiguous()
+        grad_u = _sm_recursion(ctx.adj, grad, a, K) if ctx.needs_input_grad[0] else None
+        grad_alpha = None
+        if ctx.needs_input_grad[1] and a == 0.0:
+            grad_alpha = None  # unreachable for sigmoid(theta); kept for a fixed alpha = 0
+        if ctx.needs_input_grad[1] and a > 0.0:
+            f = u.size(1)
+            gd = torch.cat([u, torch.zeros_like(u)], dim=1)  # [G_t | D_t]
+            nxt = torch.empty_like(gd)
+            shift = torch.cat([u * (1.0 - a), -u], dim=1)  # (1-a) U for G, -U for D
+            for _ in range(K):
+                # [G' | D'] = a A [G | D] + [(1-a) U | -U], fused into the reused buffer; then
+                # D' += A G, where A G = (G' - (1-a) U) / a (a = sigmoid(theta) > 0 here).
+                torch.addmm(shift, ctx.adj_t, gd, beta=1.0, alpha=a, out=nxt)
+                nxt[:, f:].add_(nxt[:, :f], alpha=1.0 / a).sub_(u, alpha=(1.0 - a) / a)
+                gd, nxt = nxt, gd
+            grad_alpha = (grad * gd[:, f:]).sum().reshape(alpha.shape).to(alpha.dtype)
+        return grad_u, grad_alpha, None, None, None
+
+
 class _CsrSpMM(torch.autograd.Function):
     """``adj_t @ x`` on CPU with the ``spmm_reduce`` kernel both ways: the backward multiplies by
     the precomputed transpose ``adj`` (CSR) instead of transposing ``adj_t`` at every step."""
@@ -373,22 +432,16 @@ class SmConv(MessagePassing):
         if not needs_grad and not x.is_cuda and self.K > 0 and not _is_compiling():
             # Inference on CPU: one fused ``addmm`` per step into two reused buffers (no fresh
             # allocation, no separate scaling/addition pass): ~4x faster than the autograd path.
-            a = float(alpha)
-            x = x.contiguous()
-            h = x * (1.0 - a)
-            bufs = (torch.empty_like(x), torch.empty_like(x))
-            g = x
-            for t in range(self.K):
-                out = bufs[t % 2]
-                torch.addmm(h, adj_t, g, beta=1.0, alpha=a, out=out)
-                g = out
-            return g
+            return _sm_recursion(adj_t, x, float(alpha), self.K)
         adj = None
         if (
             self.K > 0 and (x.requires_grad or alpha.requires_grad) and torch.is_grad_enabled() and not x.is_cuda
             and not adj_t.values().requires_grad and not _is_compiling()
         ):
             adj = adj_t.t().to_sparse_csr()
+            if x.dim() == 2:
+                # Training on CPU: the whole recursion is one autograd node in O(N F) memory.
+                return _ApproxSm.apply(x, alpha, adj_t, adj, self.K)
         h = (1 - alpha) * x
         g = x
         for _ in range(self.K):
