@@ -126,7 +126,7 @@ def uneven_bags(n_total: int):
 
 
 # ----------------------------------------------------------------------------- run
-def run(quick: bool, K: int, alpha: float):
+def run(quick: bool, K: int, alpha: float, on_row=None):
     from torch_geometric.nn import APPNP
     from torch_geometric.nn.conv.gcn_conv import gcn_norm
     from torch_geometric.utils import to_dense_batch
@@ -211,6 +211,8 @@ def run(quick: bool, K: int, alpha: float):
             row["t_tm"] = row["m_tm"] = row["err_tm"] = float("nan")
         del out
         rows.append(row)
+        if on_row is not None:  # keep what was measured if a later size runs out of time
+            on_row(rows)
         print(
             f"N={N:>7} D={D:>3} E={E:>8} | graphmil {row['t_sm']*1e3:8.1f} ms  PyG {row['t_pyg']*1e3:8.1f} ms "
             f"(x{row['t_pyg']/row['t_sm']:.2f})  torchmil {row['t_tm']*1e3:8.1f} ms (x{row['t_tm']/row['t_sm']:.2f}) | "
@@ -284,7 +286,8 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     mem_ok = _pin_malloc() and _reset_peak()
-    rows = run(args.quick, args.K, args.alpha)
+    rows = run(args.quick, args.K, args.alpha,
+               on_row=lambda r: write_table(r, args.out, args.quick, args.K, args.alpha, mem_ok))
     write_table(rows, args.out, args.quick, args.K, args.alpha, mem_ok)
 
 
