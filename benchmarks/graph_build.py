@@ -1,4 +1,4 @@
-"""Benchmark: GridGraph (vectorised cKDTree.query_pairs) vs a per-patch cKDTree.query_ball_point loop.
+"""Benchmark: GridGraph (dense lattice lookup, or vectorised cKDTree.query_pairs) vs a per-patch cKDTree.query_ball_point loop.
 
 Both build the same 8-neighbour graph (level-0 distance <= 1.01 * sqrt(2) * step) on a tissue-like
 patch lattice (a random 70 % of the cells of a square lattice, 512 px step, as on a 40x scan
@@ -116,8 +116,8 @@ def main() -> None:
         "",
         "8-neighbour spatial graph on a tissue-like patch lattice (random 70 % of a square lattice, "
         "step 512 level-0 px, as on a 40× scan patched at 20× / 256 px). **graphmil**: "
-        "`GridGraph(8)` (step inferred from the coordinates, one `cKDTree.query_pairs`, symmetrised and "
-        "sorted with numpy). **Loop**: one `cKDTree.query_ball_point` per patch (the closest peer's "
+        "`GridGraph(8)` (step inferred from the coordinates; patches on one lattice, as here, take a "
+        "dense-grid lookup, other layouts one `cKDTree.query_pairs`, symmetrised and sorted with numpy). **Loop**: one `cKDTree.query_ball_point` per patch (the closest peer's "
         "approach), same radius `1.01·√2·step`, tree build included in both. Best of "
         f"{repeats} runs for graphmil (1 at 1M) and for the loop when it takes under "
         f"{args.loop_budget / 4 / repeats:g} s (else 1 run).",

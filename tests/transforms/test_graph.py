@@ -175,3 +175,35 @@ def test_reprs():
     assert repr(KNNGraph(6)) == "KNNGraph(k=6)"
     assert repr(RadiusGraph(2.5)) == "RadiusGraph(r=2.5)"
     assert repr(FeatureDistanceWeights()) == "FeatureDistanceWeights()"
+
+
+@pytest.mark.parametrize("connectivity", [4, 8])
+def test_lattice_fast_path_equals_brute_force_on_random_lattices(connectivity):
+    # one-origin lattices (TRIDENT, synthetic) take the dense-grid lookup; it must equal the
+    # distance rule exactly, whatever the step, origin and density
+    from graphmil.transforms.graph import _lattice_edges
+
+    rng = np.random.default_rng(connectivity)
+    for _ in range(12):
+        side = int(rng.integers(2, 30))
+        step = float(rng.choice([1.0, 37.5, 256.0, 448.0, 512.0]))
+        g = np.stack(np.meshgrid(np.arange(side), np.arange(side)), -1).reshape(-1, 2)
+        g = g[rng.random(len(g)) < rng.uniform(0.2, 1.0)]
+        if len(g) < 2:
+            continue
+        p = g * step + rng.integers(0, 1000, 2)
+        assert _lattice_edges(p.astype(np.float64), step, connectivity) is not None
+        ei, s = grid_edges(torch.from_numpy(p), step=step, connectivity=connectivity)
+        radius = 1.01 * step * (np.sqrt(2) if connectivity == 8 else 1.0)
+        d = np.sqrt(((p[:, None, :] - p[None, :, :]) ** 2).sum(-1))
+        ref = np.argwhere((d <= radius) & ~np.eye(len(p), dtype=bool)).T  # row-major: sorted
+        assert np.array_equal(ei.numpy(), ref)
+
+
+def test_lattice_fast_path_declines_duplicates_and_off_lattice_points():
+    from graphmil.transforms.graph import _lattice_edges
+
+    p = np.array([[0, 0], [512, 0], [512, 0], [1024, 0]], dtype=np.float64)
+    assert _lattice_edges(p, 512.0, 8) is None  # duplicate coordinates: the k-d tree handles them
+    q = np.array([[0, 0], [512, 0], [700, 300]], dtype=np.float64)
+    assert _lattice_edges(q, 512.0, 8) is None  # a second lattice origin
