@@ -69,6 +69,9 @@ class AINetConsistencyLoss(Module):
 
     Args:
         weight (float): :math:`\lambda_2` (default ``1.0``).
+
+    Shapes:
+        - **input:** ``x [N, D]``, ``r = φ(x) [N, D]``; **output:** a scalar.
     """
 
     def __init__(self, weight: float = 1.0) -> None:
@@ -87,6 +90,10 @@ class AINetRegionLoss(Module):
 
     Args:
         weight (float): :math:`\lambda_1` (default ``1.0``).
+
+    Shapes:
+        - **input:** region logits ``[R, C]``, bag labels ``[B]``, ``region_batch [R]``;
+          **output:** a scalar.
     """
 
     def __init__(self, weight: float = 1.0) -> None:

@@ -7,9 +7,10 @@ from typing import Dict
 
 import torch
 from torch import Tensor
-from torch.nn import Dropout, Linear, Parameter, ReLU, Sequential
+from torch.nn import Linear, Parameter
 
 from graphmil.losses.acmil import DiversityLoss
+from graphmil.models.abmil import instance_mlp
 from graphmil.models.base import MILModel, bag_task_loss
 from graphmil.models.output import MILOutput
 from graphmil.models.registry import register_model
@@ -74,7 +75,7 @@ class ACMIL(MILModel):
         self.top_k = top_k
         self.mask_ratio = mask_ratio
         self.diversity_weight = diversity_weight
-        self.embed = Sequential(Linear(in_channels, embed_dim), ReLU(), Dropout(dropout))
+        self.embed = instance_mlp(in_channels, [embed_dim], dropout)
         self.pool = MultiBranchAttentionAggregation(embed_dim, hidden_channels, branches, top_k, mask_ratio)
         self.branch_weight = Parameter(torch.empty(branches, num_classes, embed_dim))
         self.branch_bias = Parameter(torch.empty(branches, num_classes))
@@ -108,10 +109,11 @@ class ACMIL(MILModel):
         """``{"task", "branches" (mean over branches), "diversity"}`` plus ``out.aux_losses``."""
         num_bags = out.bag_logits.size(0)
         bl = out.extra["branch_logits"]  # [B, M, C]
-        y = batch.y
+        y = batch.get("y")
+        task = bag_task_loss(out.bag_logits, y)  # validates y (clear error when it is missing)
         y_rep = y.repeat_interleave(self.branches, dim=0)  # rows b*M + m, like bl.reshape(B*M, C)
         terms = {
-            "task": bag_task_loss(out.bag_logits, y),
+            "task": task,
             "branches": bag_task_loss(bl.reshape(num_bags * self.branches, -1), y_rep),
             "diversity": self.diversity(out.attention, out.batch, num_bags),
         }

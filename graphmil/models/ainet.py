@@ -66,6 +66,13 @@ class AINet(MILModel):
         lambda_consistency (float): :math:`\lambda_2` (default ``1.0``).
         share_attention (bool): one attention for bag and region pooling (default ``True``).
         min_region_size (int): smallest on-the-fly region (default ``1``).
+
+    Shapes:
+        - **input:** a ``Data``/``Batch`` with ``x [N, D]``, ``batch [N]``, and ``region [N]`` (from
+          :class:`~graphmil.transforms.RegionPartition`) or ``pos [N, 2]`` to partition on the fly.
+        - **output:** :class:`~graphmil.models.MILOutput` with ``bag_logits [B, C]``,
+          ``instance_scores [N]``, ``attention [N]`` (0 for masked instances), ``batch [N]``,
+          ``extra['region_logits'] [R, C]``, ``extra['region_batch'] [R]``.
     """
 
     def __init__(

@@ -27,6 +27,10 @@ def bag_task_loss(logits: Tensor, y: Tensor, pos_weight: Tensor | None = None,
     """
     if logits.dim() != 2:
         raise ValueError(f"bag_task_loss: logits must be [B, C], got {tuple(logits.shape)}")
+    if y is None:
+        raise ValueError("bag_task_loss: the batch has no bag label 'y' (make_bag(..., y=...))")
+    if y.numel() != logits.size(0) and not (y.dim() == 2 and y.shape == logits.shape):
+        raise ValueError(f"bag_task_loss: {logits.size(0)} bags but labels of shape {tuple(y.shape)}")
     if logits.size(1) == 1:
         return F.binary_cross_entropy_with_logits(logits.view(-1), y.view(-1).to(logits.dtype),
                                                   pos_weight=pos_weight)
@@ -45,6 +49,12 @@ class MILModel(torch.nn.Module):
     Args:
         in_channels (int): instance feature width ``D``.
         num_classes (int): bag output width ``C`` (``1`` = binary with BCE).
+
+    Shapes:
+        - **input:** a ``Data`` (one bag) or ``Batch`` with ``x [N, D]`` and ``batch [N]`` (plus
+          ``edge_index``/``pos``/``region`` where a model needs them); ``y [B]`` or ``[B, C]`` for
+          :meth:`losses`.
+        - **output:** :class:`~graphmil.models.MILOutput` (``bag_logits [B, C]``, ``instance_scores [N]``).
     """
 
     model_name: str = "base"
@@ -57,10 +67,16 @@ class MILModel(torch.nn.Module):
         self.in_channels = in_channels
         self.num_classes = num_classes
 
-    @staticmethod
-    def unpack(batch: Data | Batch):
+    def unpack(self, batch: Data | Batch):
         """``(x, batch_index, num_bags)`` of a ``Data`` (one bag) or ``Batch``."""
-        x = batch.x
+        x = batch.get("x") if hasattr(batch, "get") else getattr(batch, "x", None)
+        if x is None:
+            raise ValueError("the batch has no 'x' (instance features [N, D])")
+        if x.dim() != 2 or x.size(1) != self.in_channels:
+            raise ValueError(
+                f"{type(self).__name__}: expected x [N, {self.in_channels}] (in_channels={self.in_channels}), "
+                f"got shape {tuple(x.shape)}"
+            )
         index = batch.get("batch")
         if index is None:
             index = torch.zeros(x.size(0), dtype=torch.long, device=x.device)

@@ -5,8 +5,9 @@ from __future__ import annotations
 from typing import Dict
 
 from torch import Tensor
-from torch.nn import Dropout, Linear, ReLU, Sequential
+from torch.nn import Linear
 
+from graphmil.models.abmil import instance_mlp
 from graphmil.models.base import MILModel, bag_task_loss
 from graphmil.models.output import MILOutput
 from graphmil.models.registry import register_model
@@ -65,7 +66,7 @@ class DSMIL(MILModel):
         self.query_channels = query_channels
         self.nonlinear = nonlinear
         self.passing_v = passing_v
-        self.embed = Sequential(Linear(in_channels, embed_dim), ReLU(), Dropout(dropout))
+        self.embed = instance_mlp(in_channels, [embed_dim], dropout)
         self.pool = DSMILAggregation(embed_dim, num_classes, query_channels, nonlinear, passing_v, dropout)
 
     def forward(self, batch) -> MILOutput:

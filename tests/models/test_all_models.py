@@ -97,3 +97,17 @@ def test_registry_has_the_issue_models():
     expected = {"abmil", "meanmil", "maxmil", "dsmil", "acmil", "smap", "smtap", "casii", "ainet"}
     missing = expected - set(list_models())
     assert not missing, f"models not registered: {sorted(missing)}"
+
+
+@pytest.mark.parametrize("name", list_models())
+def test_wrong_feature_width_and_missing_label_are_clear_errors(name):
+    data = bags()
+    model = build(name, 1, data)
+    wrong = Batch.from_data_list([grid_bag(3, 4, y=1, seed=0, num_features=D + 3)])
+    with pytest.raises(ValueError, match=rf"x \[N, {D}\].*got shape \(12, {D + 3}\)"):
+        model(wrong)
+    batch = Batch.from_data_list(data)
+    out = model(batch)
+    del batch.y
+    with pytest.raises(ValueError, match="no bag label 'y'"):
+        model.losses(out, batch)

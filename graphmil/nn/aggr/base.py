@@ -39,6 +39,13 @@ class AttentionPool(Aggregation):
     Subclasses implement :meth:`attend`, which returns a :class:`PoolOutput`; ``forward`` returns
     its ``pooled`` field, so the module drops in wherever a PyG aggregation goes, and
     ``attend(...)`` gives pooled embedding, attention and logits from the *same* pass.
+
+    Args:
+        none here; subclasses take their own hyperparameters.
+
+    Shapes:
+        - **input:** ``x [N, F]``, ``index [N]`` or ``ptr [B+1]``, ``dim_size = B``.
+        - **output:** ``forward`` → ``[B, F']``; :meth:`attend` → :class:`PoolOutput`.
     """
 
     def forward(  # type: ignore[override]
