@@ -40,8 +40,7 @@ class AttentionPool(Aggregation):
     its ``pooled`` field, so the module drops in wherever a PyG aggregation goes, and
     ``attend(...)`` gives pooled embedding, attention and logits from the *same* pass.
 
-    Args:
-        none here; subclasses take their own hyperparameters.
+    It takes no constructor arguments itself; subclasses take their own hyperparameters.
 
     Shapes:
         - **input:** ``x [N, F]``, ``index [N]`` or ``ptr [B+1]``, ``dim_size = B``.
