@@ -99,17 +99,13 @@ def timed(fn, reps: int, warmup: bool = False) -> float:
 
 # ----------------------------------------------------------------------------- data
 def grid_edges(h: int, w: int) -> torch.Tensor:
-    """Symmetric 8-neighbour edges of an ``h x w`` grid (no self-loops), vectorised."""
-    idx = torch.arange(h * w).view(h, w)
-    src, dst = [], []
-    for di in (-1, 0, 1):
-        for dj in (-1, 0, 1):
-            if di == 0 and dj == 0:
-                continue
-            r0, r1, c0, c1 = max(0, -di), h - max(0, di), max(0, -dj), w - max(0, dj)
-            src.append(idx[r0:r1, c0:c1].reshape(-1))
-            dst.append(idx[r0 + di:r1 + di, c0 + dj:c1 + dj].reshape(-1))
-    return torch.stack([torch.cat(src), torch.cat(dst)])
+    """Symmetric 8-neighbour edges of an ``h x w`` grid (no self-loops), node ``i * w + j`` at cell
+    ``(i, j)``: graphmil's one lattice builder (:func:`graphmil.ops.geometry.grid_edges`)."""
+    from graphmil.ops.geometry import grid_edges as lattice_edges
+
+    idx = torch.arange(h * w)
+    cells = torch.stack([idx // w, idx % w], 1)
+    return lattice_edges(cells, step=1.0, connectivity=8, check_step=False)[0]
 
 
 def uneven_bags(n_total: int):

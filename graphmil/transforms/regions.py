@@ -1,4 +1,10 @@
-"""Spatial region partitions of a bag (AINet, Zheng et al.): compact, connected, ordered regions."""
+"""Spatial region partitions of a bag (AINet, Zheng et al.): compact, connected, ordered regions.
+
+The batched k-d split and the batch-unique region ids live in :mod:`graphmil.ops.partition` (the
+AINet front end in :mod:`graphmil.nn` uses them too); they are re-exported here, so
+``from graphmil.transforms.regions import kd_partition, global_region_index`` keeps working.
+The 8-neighbour grid graph comes from the one lattice builder, :func:`graphmil.ops.geometry.grid_edges`.
+"""
 
 from __future__ import annotations
 
@@ -7,142 +13,58 @@ from typing import Optional, Tuple, Union
 import numpy as np
 import torch
 from torch import Tensor
-from torch_geometric.data import Batch, Data
+from torch_geometric.data import Data
 from torch_geometric.transforms import BaseTransform
-from torch_geometric.utils import scatter
 
-from graphmil.utils import segment_count
+from graphmil.ops.batching import bag_index, refresh_batch_slices
+from graphmil.ops.geometry import as_positions, grid_edges, infer_grid_step
+from graphmil.ops.partition import global_region_index, kd_partition  # noqa: F401  (re-exported)
 
 __all__ = ["RegionPartition", "kd_partition", "global_region_index", "grid_adjacency"]
 
 _METHODS = ("kd", "kmeans", "grid")
 
 
-# ----------------------------------------------------------------------------------------------
-# batched k-d partition (also used on the fly by the AINet front end)
-# ----------------------------------------------------------------------------------------------
-def kd_partition(
-    pos: Tensor,
-    batch: Optional[Tensor] = None,
-    num_regions: int = 8,
-    dim_size: Optional[int] = None,
-    min_region_size: int = 1,
-) -> Tuple[Tensor, Tensor]:
-    r"""Recursive median bisection (a k-d split) of every bag of a batch at once.
+#: a bag counts as a patch grid when at least this fraction of its (sampled) patches have their
+#: nearest neighbour one grid step away (``support`` of :func:`graphmil.ops.geometry.infer_grid_step`)
+GRID_SUPPORT = 0.5
 
-    Each cell holding :math:`m > 1` regions and :math:`n` instances is cut along its longer axis
-    (ties in the coordinate broken by the other axis, then by instance order) into a lower part of
-    :math:`\lfloor n \lfloor m/2 \rfloor / m \rfloor` instances that receives the first
-    :math:`\lfloor m/2 \rfloor` regions and an upper part that receives the rest. A bag of
-    :math:`n_b` instances gets
+
+def grid_adjacency(pos: Union[Tensor, np.ndarray], step: Optional[float] = None) -> Optional[np.ndarray]:
+    r"""Edges ``[2, E]`` (both directions) of the 8-neighbour graph of a patch grid, or ``None``.
 
     .. math::
-        M_b = \max\big(1, \min(M, \lfloor n_b / s_{\min} \rfloor)\big)
+        (i, j) \in E \iff i \ne j \ \text{and}\ \lVert p_i - p_j \rVert_2 \le 1.01\sqrt{2}\, s
 
-    regions, so no region is empty and each holds about :math:`n_b / M_b` instances (sizes differ
-    by at most a few instances). The loop runs over the :math:`\lceil \log_2 M \rceil` tree levels,
-    never over bags. Regions are numbered in tree order (lower part first); this fast path does
-    not repair connectivity nor reorder regions — :class:`RegionPartition` does.
+    built by :func:`graphmil.ops.geometry.grid_edges` (so CLAM's per-contour lattices with
+    different origins are handled). ``step`` given: that step is used as is. ``step=None``: the
+    step :math:`s` is inferred (most common nearest-neighbour distance,
+    :func:`~graphmil.ops.geometry.infer_grid_step`) and ``pos`` counts as a patch grid when the
+    support :math:`\sigma \ge 0.5` (at least half of the patches have a neighbour exactly one
+    step away); scattered points (e.g. cell centroids) give ``None``.
 
     Args:
-        pos (Tensor): coordinates ``[N, 2]``.
-        batch (Tensor, optional): bag index ``[N]`` (sorted or not); ``None`` = one bag.
-        num_regions (int): regions per bag ``M`` (default ``8``).
-        dim_size (int, optional): number of bags ``B``.
-        min_region_size (int): smallest allowed region ``s_min`` (default ``1``).
+        pos: coordinates ``[N, 2]`` (tensor or array).
+        step (float, optional): the grid step (default ``None``: inferred).
 
     Returns:
-        ``(region [N], num_regions [B])``: local region ids ``0..M_b-1`` and ``M_b`` per bag.
+        ``np.ndarray [2, E]`` int64 sorted by ``(row, col)``, or ``None`` when ``pos`` is not a
+        patch grid.
+
+    Shapes:
+        - **input:** ``pos [N, 2]``
+        - **output:** ``[2, E]``
     """
-    if num_regions < 1:
-        raise ValueError(f"kd_partition: 'num_regions' must be >= 1, got {num_regions}")
-    if min_region_size < 1:
-        raise ValueError(f"kd_partition: 'min_region_size' must be >= 1, got {min_region_size}")
-    if pos.dim() != 2 or pos.size(1) < 2:
-        raise ValueError(f"kd_partition: 'pos' must be [N, 2], got shape {tuple(pos.shape)}")
-    n = pos.size(0)
-    device = pos.device
-    if batch is None:
-        batch = torch.zeros(n, dtype=torch.long, device=device)
-    if dim_size is None:
-        dim_size = int(batch.max()) + 1 if n > 0 else 0
-    p = pos[:, :2].to(torch.float64)
-    counts = segment_count(batch, dim_size)
-    m_bag = torch.clamp(torch.minimum(torch.full_like(counts, num_regions), counts // min_region_size), min=1)
-    cell = batch.clone()
-    cell_m = m_bag.clone()
-    cell_base = torch.zeros_like(m_bag)
-    arange = torch.arange(n, device=device)
-    while bool((cell_m > 1).any()):
-        c = cell_m.numel()
-        cnt = segment_count(cell, c)
-        lo = scatter(p, cell, 0, c, reduce="min")
-        hi = scatter(p, cell, 0, c, reduce="max")
-        axis = ((hi[:, 1] - lo[:, 1]) > (hi[:, 0] - lo[:, 0])).long()  # longer axis, ties -> x
-        ax = axis[cell]
-        key = p[arange, ax]
-        sec = p[arange, 1 - ax]
-        # rank within cell by (key, sec, original order)
-        perm = torch.argsort(sec, stable=True)
-        perm = perm[torch.argsort(key[perm], stable=True)]
-        perm = perm[torch.argsort(cell[perm], stable=True)]
-        start = torch.cat([cnt.new_zeros(1), cnt.cumsum(0)[:-1]])
-        rank = torch.empty_like(arange)
-        rank[perm] = arange - start[cell[perm]]
-        m_left = cell_m // 2
-        m_right = cell_m - m_left
-        n_left = (cnt * m_left) // cell_m.clamp(min=1)
-        n_left = torch.minimum(torch.maximum(n_left, m_left * min_region_size), cnt - m_right * min_region_size)
-        split = cell_m > 1
-        right = (split[cell] & (rank >= n_left[cell])).long()
-        cell = 2 * cell + right
-        child_m = torch.stack([torch.where(split, m_left, cell_m), torch.where(split, m_right, 0)], 1).view(-1)
-        child_base = torch.stack([cell_base, cell_base + m_left], 1).view(-1)
-        cell_m, cell_base = child_m, child_base
-    return cell_base[cell], m_bag
-
-
-# ----------------------------------------------------------------------------------------------
-# helpers for the per-bag transform (numpy / scipy preprocessing)
-# ----------------------------------------------------------------------------------------------
-def grid_adjacency(pos: Union[Tensor, np.ndarray], step: Optional[float] = None) -> Optional[np.ndarray]:
-    """Edges ``[2, E]`` (both directions) of the 8-neighbour graph of grid-aligned ``pos``.
-
-    The grid step is inferred per axis (smallest positive gap between distinct coordinates) unless
-    given. Returns ``None`` when ``pos`` is not on a lattice of that step.
-    """
-    p = np.asarray(pos.detach().cpu().numpy() if isinstance(pos, Tensor) else pos, dtype=np.float64)[:, :2]
-    n = p.shape[0]
-    if n < 2:
+    p = as_positions(pos)[:, :2]
+    if p.shape[0] < 2:
         return np.zeros((2, 0), dtype=np.int64)
-    steps = []
-    for a in range(2):
-        u = np.unique(p[:, a])
-        d = np.diff(u)
-        steps.append(float(d.min()) if d.size else 1.0)
-    if step is not None:
-        steps = [float(step), float(step)]
-    g = (p - p.min(0)) / np.asarray(steps)
-    gi = np.rint(g)
-    if np.abs(g - gi).max() > 1e-4:
-        return None
-    gi = gi.astype(np.int64)
-    width = int(gi[:, 1].max()) + 3
-    keys = (gi[:, 0] + 1) * width + (gi[:, 1] + 1)
-    order = np.argsort(keys, kind="stable")
-    sk = keys[order]
-    src, dst = [], []
-    for dx in (-1, 0, 1):
-        for dy in (-1, 0, 1):
-            if dx == 0 and dy == 0:
-                continue
-            nk = keys + dx * width + dy
-            j = np.searchsorted(sk, nk)
-            j = np.minimum(j, n - 1)
-            hit = sk[j] == nk
-            src.append(np.nonzero(hit)[0])
-            dst.append(order[j[hit]])
-    return np.stack([np.concatenate(src), np.concatenate(dst)]).astype(np.int64)
+    if step is None:
+        s, support = infer_grid_step(p, return_support=True)
+        if s is None or support < GRID_SUPPORT:
+            return None
+        step = s
+    edge_index, _ = grid_edges(p, float(step), 8, check_step=False)
+    return edge_index.numpy()
 
 
 def _components(n: int, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
@@ -273,13 +195,15 @@ class RegionPartition(BaseTransform):
     - ``'grid'``: a fixed ``g_x × g_y`` grid of bounding-box cells (``g_x g_y = M``, the factor
       pair closest to the aspect ratio), empty cells dropped; sizes not balanced.
 
-    Then, when ``pos`` lies on a lattice (patch grid), every region is made **connected in the
-    8-neighbour grid graph**: each component of a region other than its largest moves to the
+    Then, when ``pos`` is a patch grid (at least half of the patches have a neighbour exactly one
+    grid step away, :func:`grid_adjacency`; CLAM's per-contour lattices with different origins
+    included), every region is made **connected in the 8-neighbour grid graph**
+    (:func:`graphmil.ops.geometry.grid_edges`, by level-0 distance): each component of a region other than its largest moves to the
     adjacent region it shares most edges with (repeated until stable). This fixes the stray pieces
     that a median cut of an irregular tissue shape (blobs, holes) leaves; it shifts a few
     instances, so sizes stay near (not exactly) equal. A region can remain disconnected only when
-    the tissue itself is: a fragment with no grid edge to any other region. Off-lattice ``pos``
-    uses ``data.edge_index`` for the repair when present, and skips it otherwise.
+    the tissue itself is: a fragment with no grid edge to any other region. Other ``pos``
+    (scattered points) uses ``data.edge_index`` for the repair when present, and skips it otherwise.
 
     Finally regions are **renumbered so that consecutive regions touch**: a Hamiltonian path of the
     region adjacency graph found by backtracking (at most a few thousand steps for ``M ≤ 16``);
@@ -287,20 +211,23 @@ class RegionPartition(BaseTransform):
     then the nearest centroid is used. ARC's "next region" (cyclic, ``M_b-1 → 0``) is this order.
 
     Batching: ``region`` keeps its per-bag ids (PyG concatenates it unchanged) and ``num_regions``
-    becomes a ``[B]`` vector; :func:`global_region_index` turns them into batch-unique ids.
+    becomes a ``[B]`` vector; :func:`global_region_index` turns them into batch-unique ids. Applied
+    to a ``Batch`` (or a ``Data`` with ``batch``), every bag is partitioned on its own with the same
+    result as partitioning the bags one by one and batching them (``num_regions`` is then ``[B]``).
 
     Args:
         num_regions (int): regions per bag ``M`` (default ``8``).
         method (str): ``'kd'`` (default), ``'kmeans'`` or ``'grid'``.
         min_region_size (int): smallest region ``s_min`` used to cap ``M_b`` (default ``1``).
         seed (int): random state of k-means (default ``0``).
-        step (float, optional): grid step of ``pos`` for the 8-neighbour graph (inferred if ``None``).
+        step (float, optional): grid step of ``pos`` for the 8-neighbour graph (default ``None``:
+            inferred per bag, and the patch-grid test applies).
         repair (bool): make regions connected (default ``True``).
         order (bool): renumber regions along an adjacency path (default ``True``).
 
     Shapes:
-        - **input:** ``data.pos [N, 2]``.
-        - **output:** ``data.region [N]`` (long), ``data.num_regions`` (int).
+        - **input:** ``data.pos [N, 2]`` (and ``data.batch [N]``).
+        - **output:** ``data.region [N]`` (long), ``data.num_regions`` (int; ``[B]`` on a batch).
     """
 
     def __init__(
@@ -352,21 +279,20 @@ class RegionPartition(BaseTransform):
         _, labels = np.unique(labels, return_inverse=True)
         return labels.reshape(-1).astype(np.int64)
 
-    def forward(self, data: Data) -> Data:
-        pos = data.get("pos")
-        if pos is None:
-            raise ValueError("RegionPartition: the bag has no 'pos' (coordinates are needed)")
-        if pos.dim() != 2 or pos.size(1) < 2:
-            raise ValueError(f"RegionPartition: 'pos' must be [N, 2], got shape {tuple(pos.shape)}")
-        p = pos[:, :2].detach().cpu().to(torch.float64).numpy()
+    def _edges(self, p: np.ndarray) -> Optional[np.ndarray]:
+        """8-neighbour grid edges of one bag (``None`` when ``pos`` is not a patch grid)."""
+        return grid_adjacency(p, self.step)
+
+    def _partition(self, p: np.ndarray, fallback: Optional[np.ndarray]) -> Tuple[np.ndarray, int]:
+        """``(labels [n], M_b)`` of one bag; ``fallback`` = the bag's own edges, used off-grid."""
         n = p.shape[0]
         m = max(1, min(self.num_regions, n // self.min_region_size))
         labels = self._labels(p, m)
         edges = None
         if (self.repair or self.order) and m > 1:
-            edges = grid_adjacency(p, self.step)
-            if edges is None and data.get("edge_index") is not None:
-                edges = data.edge_index.detach().cpu().numpy()
+            edges = self._edges(p)
+            if edges is None:
+                edges = fallback
         if self.repair and edges is not None and m > 1:
             labels = _repair(labels, edges)
         m = int(labels.max()) + 1 if n else 0
@@ -382,49 +308,48 @@ class RegionPartition(BaseTransform):
             inv = np.empty(m, dtype=np.int64)
             inv[path] = np.arange(m)
             labels = inv[labels]
-        data.region = torch.from_numpy(labels.astype(np.int64)).to(pos.device)
-        data.num_regions = int(m)
+        return labels.astype(np.int64), int(m)
+
+    def forward(self, data: Data) -> Data:
+        pos = data.get("pos")
+        if pos is None:
+            raise ValueError("RegionPartition: the bag has no 'pos' (coordinates are needed)")
+        if pos.dim() != 2 or pos.size(1) < 2:
+            raise ValueError(f"RegionPartition: 'pos' must be [N, 2], got shape {tuple(pos.shape)}")
+        p = pos[:, :2].detach().cpu().to(torch.float64).numpy()
+        ei = data.get("edge_index")
+        ei = None if ei is None else ei.detach().cpu().numpy()
+        batch, num_bags = bag_index(data)
+        if batch is None:
+            labels, m = self._partition(p, ei)
+            data.region = torch.from_numpy(labels).to(pos.device)
+            data.num_regions = m
+            return data
+        # a batch: partition every bag on its own (the repair and ordering are per-bag algorithms)
+        b = batch.detach().cpu().numpy().astype(np.int64)
+        n = b.size
+        order = np.argsort(b, kind="stable")
+        counts = np.bincount(b, minlength=num_bags)
+        ptr = np.concatenate([[0], np.cumsum(counts)])
+        local = np.empty(n, dtype=np.int64)
+        local[order] = np.arange(n) - ptr[b[order]]
+        if ei is not None:  # each bag's own edges, relabelled to local ids, grouped by bag
+            ei = ei[:, b[ei[0]] == b[ei[1]]]
+            eb = b[ei[0]]
+            eorder = np.argsort(eb, kind="stable")
+            ei, eptr = ei[:, eorder], np.concatenate([[0], np.cumsum(np.bincount(eb, minlength=num_bags))])
+        labels = np.zeros(n, dtype=np.int64)
+        ms = np.zeros(num_bags, dtype=np.int64)
+        for k in range(num_bags):
+            nodes = order[ptr[k]:ptr[k + 1]]
+            fb = None if ei is None else local[ei[:, eptr[k]:eptr[k + 1]]]
+            labels[nodes], ms[k] = self._partition(p[nodes], fb)
+        data.region = torch.from_numpy(labels).to(pos.device)
+        data.num_regions = torch.from_numpy(ms).to(pos.device)
+        refresh_batch_slices(data, node=["region"], graph=["num_regions"], num_bags=num_bags)
         return data
 
     def __repr__(self) -> str:
         return (f"{self.__class__.__name__}(num_regions={self.num_regions}, method='{self.method}', "
                 f"min_region_size={self.min_region_size}, seed={self.seed}, step={self.step}, "
                 f"repair={self.repair}, order={self.order})")
-
-
-def global_region_index(data: Union[Data, Batch]) -> Tuple[Tensor, int, Tensor]:
-    r"""Batch-unique region ids from per-bag ``region`` ids.
-
-    .. math::
-        g_i = \rho_i + \sum_{b' < b(i)} M_{b'}
-
-    where :math:`\rho_i` is ``data.region`` and :math:`M_b` is ``data.num_regions`` (a ``[B]``
-    vector after PyG batching; inferred as ``max region + 1`` per bag when absent). Works on a
-    single bag, on ``Batch.from_data_list`` output and on PyG ``DataLoader`` batches. Ids are
-    ordered by ``(bag, region)``.
-
-    Returns:
-        ``(region [N], R, region_batch [R])``: global ids, total number of regions, bag of each
-        region.
-    """
-    region = data.get("region")
-    if region is None:
-        raise ValueError("global_region_index: the data has no 'region' (apply RegionPartition first)")
-    batch = data.get("batch")
-    n = region.numel()
-    if batch is None:
-        batch = torch.zeros(n, dtype=torch.long, device=region.device)
-        num_bags = 1
-    else:
-        num_bags = int(data.num_graphs) if hasattr(data, "num_graphs") else int(batch.max()) + 1
-    m = data.get("num_regions")
-    if m is None:
-        m = scatter(region, batch, 0, num_bags, reduce="max") + 1
-    else:
-        m = torch.as_tensor(m, device=region.device).view(-1).long()
-        if m.numel() != num_bags:
-            raise ValueError(f"global_region_index: 'num_regions' has {m.numel()} entries for {num_bags} bags")
-    offset = torch.cat([m.new_zeros(1), m.cumsum(0)])
-    total = int(offset[-1])
-    region_batch = torch.repeat_interleave(torch.arange(num_bags, device=region.device), m)
-    return region + offset[batch], total, region_batch

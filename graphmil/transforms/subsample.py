@@ -5,12 +5,11 @@ from __future__ import annotations
 from typing import Optional, Union
 
 import torch
-from torch import Tensor
 from torch_geometric.data import Batch, Data
 from torch_geometric.transforms import BaseTransform
 
-from graphmil.nn.masking import random_instance_mask
-from graphmil.utils import index_to_ptr
+from graphmil.ops.batching import refresh_batch_slices
+from graphmil.ops.masking import random_instance_mask
 
 __all__ = ["RandomSubsample"]
 
@@ -28,18 +27,18 @@ class RandomSubsample(BaseTransform):
     (``x``, ``pos``, ``y_inst``, ...) is restricted, the edges between kept instances survive with
     their edge-level attributes (``edge_weight``, ...) and are relabelled, graph-level attributes
     (``y``, ``slide_id``) are untouched. The kept instances stay in their original order; the
-    kept rows are those of :func:`graphmil.nn.masking.random_instance_mask` with the same
+    kept rows are those of :func:`graphmil.ops.masking.random_instance_mask` with the same
     generator.
 
     Works on a single bag (``Data``) or a ``Batch`` (then per bag of the batch, with ``ptr`` and
     the batch's slicing information updated so ``to_data_list()`` still works).
 
     Args:
-        ratio (float): ``r`` in ``(0, 1]``.
+        ratio (float): ``r`` in ``(0, 1]`` (no default).
         min_instances (int): ``n_min`` (default ``1``).
-        generator (torch.Generator, optional): source of randomness.
+        generator (torch.Generator, optional): source of randomness (default ``None``).
         seed (int, optional): builds a private ``torch.Generator`` seeded with ``seed`` (ignored
-            when ``generator`` is given). Default: the global generator.
+            when ``generator`` is given). Default ``None``: the global generator.
 
     Shapes:
         - **input:** a bag/batch with ``N`` instances
@@ -87,32 +86,17 @@ class RandomSubsample(BaseTransform):
         keep = keep.to(index.device)
         out = data.subgraph(keep)
         if is_batch:
-            _fix_batch(out, num_bags)
+            keys = [k for k in getattr(out, "_slice_dict", {}) if k not in ("batch", "ptr") and k in out]
+            refresh_batch_slices(
+                out,
+                node=[k for k in keys if out.is_node_attr(k)],
+                edge=[k for k in keys if out.is_edge_attr(k) and not out.is_node_attr(k)] if "edge_index" in out else [],
+                num_bags=num_bags,
+            )
         return out
 
     def __repr__(self) -> str:
+        # a given generator is named by its initial seed (its current state is not part of a repr)
+        gen = None if self.generator is None or self.seed is not None else f"Generator(initial_seed={self.generator.initial_seed()})"
         return (f"{self.__class__.__name__}(ratio={self.ratio}, min_instances={self.min_instances}, "
-                f"seed={self.seed})")
-
-
-def _fix_batch(out: Batch, num_bags: int) -> None:
-    """Recompute ``ptr`` and the slicing/increment tables of a subgraphed ``Batch``."""
-    ptr = index_to_ptr(out.batch, num_bags)
-    out.ptr = ptr
-    slice_dict = getattr(out, "_slice_dict", None)
-    inc_dict = getattr(out, "_inc_dict", None)
-    if slice_dict is None:
-        return
-    edge_ptr: Optional[Tensor] = None
-    if getattr(out, "edge_index", None) is not None:
-        ecount = torch.bincount(out.batch[out.edge_index[0]], minlength=num_bags)
-        edge_ptr = torch.cat([ecount.new_zeros(1), ecount.cumsum(0)])
-    for key in list(slice_dict):
-        if key in ("batch", "ptr") or key not in out:
-            continue
-        if out.is_node_attr(key):
-            slice_dict[key] = ptr
-        elif out.is_edge_attr(key) and edge_ptr is not None:
-            slice_dict[key] = edge_ptr
-            if key == "edge_index" and inc_dict is not None:
-                inc_dict[key] = ptr[:-1]
+                f"generator={gen}, seed={self.seed})")

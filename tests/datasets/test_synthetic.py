@@ -8,7 +8,7 @@ from torch_geometric.data import Batch
 from torch_geometric.loader import DataLoader
 
 from graphmil.datasets import SyntheticBags
-from graphmil.datasets.synthetic import _grid_edges_8
+from graphmil.ops.geometry import grid_edges
 
 
 def _oracle_edges(cells: np.ndarray) -> set:
@@ -103,13 +103,28 @@ def test_edges_equal_grid_edges_transform():
         assert _edge_set(e) == _edge_set(bag.edge_index)
 
 
-def test_private_grid_edges_on_lattice_with_holes():
+def test_shared_builder_on_integer_cells_with_holes():
+    # SyntheticBags builds its edges with graphmil.ops.geometry.grid_edges (step = 1 cell here)
     rng = np.random.default_rng(0)
     cells = np.argwhere(rng.random((15, 17)) < 0.6) + np.array([3, -2])
-    e = torch.from_numpy(_grid_edges_8(cells))
-    assert _edge_set(e) == _oracle_edges(cells)
-    assert _grid_edges_8(np.zeros((0, 2), dtype=np.int64)).shape == (2, 0)
-    assert _grid_edges_8(np.array([[4, 4]])).shape == (2, 0)
+    e, step = grid_edges(cells, step=1, check_step=False)
+    assert step == 1 and _edge_set(e) == _oracle_edges(cells)
+    assert grid_edges(np.zeros((0, 2), dtype=np.int64), step=1)[0].shape == (2, 0)
+    assert grid_edges(np.array([[4, 4]]), step=1)[0].shape == (2, 0)
+
+
+def test_edges_sorted_symmetric_and_equal_to_oracle_at_other_patch_sizes():
+    # after the switch to the shared builder: same graph as the brute-force oracle, canonical order
+    for patch_size in (224, 256, 1000):
+        ds = SyntheticBags(num_bags=3, num_features=2, seed=9, min_instances=30, max_instances=250,
+                           max_pieces=3, patch_size=patch_size)
+        for i in range(len(ds)):
+            bag = ds[i]
+            cells = ((bag.pos - bag.pos.min(0).values) // patch_size).numpy()
+            assert _edge_set(bag.edge_index) == _oracle_edges(cells)
+            key = bag.edge_index[0] * bag.num_nodes + bag.edge_index[1]
+            assert bool((key[1:] > key[:-1]).all())  # sorted by (row, col), no duplicates
+            assert bag.edge_index.dtype == torch.long
 
 
 def test_positions_are_unique_lattice_points_in_scan_order():

@@ -171,17 +171,38 @@ def test_feature_distance_weights_formula():
 
 
 def test_reprs():
-    assert repr(GridGraph(4)) == "GridGraph(connectivity=4)"
+    assert repr(GridGraph(4)) == "GridGraph(connectivity=4, step=None)"
+    assert repr(GridGraph(8, step=512)) == "GridGraph(connectivity=8, step=512)"
     assert repr(KNNGraph(6)) == "KNNGraph(k=6)"
     assert repr(RadiusGraph(2.5)) == "RadiusGraph(r=2.5)"
     assert repr(FeatureDistanceWeights()) == "FeatureDistanceWeights()"
+
+
+def test_reprs_differ_when_parameters_differ():
+    # reprs are dataset cache keys: every parameter that can change the output must show
+    groups = [
+        [GridGraph(4), GridGraph(8), GridGraph(8, step=256), GridGraph(8, step=512), GridGraph(4, step=256)],
+        [KNNGraph(3), KNNGraph(6)],
+        [RadiusGraph(1.0), RadiusGraph(2.5)],
+    ]
+    for group in groups:
+        reprs = [repr(t) for t in group]
+        assert len(set(reprs)) == len(reprs), reprs
+
+
+def test_feature_distance_weights_chunk_size_cannot_change_the_output():
+    # the one parameter left out of FeatureDistanceWeights' repr: check the claim of its comment
+    bag = GridGraph()(make_bag(torch.randn(60, 7), pos=torch.stack([torch.arange(60) % 8, torch.arange(60) // 8], 1)))
+    ref = FeatureDistanceWeights()(bag.clone()).edge_weight
+    for chunk in (1, 5, 64, 10**6):
+        assert torch.equal(FeatureDistanceWeights(chunk_size=chunk)(bag.clone()).edge_weight, ref)
 
 
 @pytest.mark.parametrize("connectivity", [4, 8])
 def test_lattice_fast_path_equals_brute_force_on_random_lattices(connectivity):
     # one-origin lattices (TRIDENT, synthetic) take the dense-grid lookup; it must equal the
     # distance rule exactly, whatever the step, origin and density
-    from graphmil.transforms.graph import _lattice_edges
+    from graphmil.ops.geometry import lattice_edges
 
     rng = np.random.default_rng(connectivity)
     for _ in range(12):
@@ -192,18 +213,109 @@ def test_lattice_fast_path_equals_brute_force_on_random_lattices(connectivity):
         if len(g) < 2:
             continue
         p = g * step + rng.integers(0, 1000, 2)
-        assert _lattice_edges(p.astype(np.float64), step, connectivity) is not None
+        fast = lattice_edges(p.astype(np.float64), step, connectivity)
+        assert fast is not None
         ei, s = grid_edges(torch.from_numpy(p), step=step, connectivity=connectivity)
         radius = 1.01 * step * (np.sqrt(2) if connectivity == 8 else 1.0)
         d = np.sqrt(((p[:, None, :] - p[None, :, :]) ** 2).sum(-1))
         ref = np.argwhere((d <= radius) & ~np.eye(len(p), dtype=bool)).T  # row-major: sorted
-        assert np.array_equal(ei.numpy(), ref)
+        assert np.array_equal(ei.numpy(), ref) and np.array_equal(fast.numpy(), ref)
 
 
 def test_lattice_fast_path_declines_duplicates_and_off_lattice_points():
-    from graphmil.transforms.graph import _lattice_edges
+    from graphmil.ops.geometry import lattice_edges
 
     p = np.array([[0, 0], [512, 0], [512, 0], [1024, 0]], dtype=np.float64)
-    assert _lattice_edges(p, 512.0, 8) is None  # duplicate coordinates: the k-d tree handles them
+    assert lattice_edges(p, 512.0, 8) is None  # duplicate coordinates: the k-d tree handles them
     q = np.array([[0, 0], [512, 0], [700, 300]], dtype=np.float64)
-    assert _lattice_edges(q, 512.0, 8) is None  # a second lattice origin
+    assert lattice_edges(q, 512.0, 8) is None  # a second lattice origin
+    # the k-d tree path still gives the distance rule on both
+    for pts in (p, q):
+        assert edge_set(grid_edges(pts, step=512.0, check_step=False)[0]) == oracle_edges(pts, 1.01 * math.sqrt(2) * 512)
+
+
+# ----------------------------------------------------------------------------------------------
+# transforms on a Batch: edges per bag, equal to transforming the bags one by one
+# ----------------------------------------------------------------------------------------------
+def _mixed_bags():
+    """Bags that overlap in level-0 px, with different steps (magnifications), CLAM-like several
+    lattice origins, one instance, duplicates, and old edges/weights to be replaced."""
+    rng = np.random.default_rng(5)
+    lat = np.argwhere(rng.random((13, 10)) < 0.7)
+    clam = np.concatenate([np.argwhere(np.ones((6, 5), dtype=bool)) * 256,
+                           np.argwhere(np.ones((4, 4), dtype=bool)) * 256 + np.array([128 + 8 * 256, 128])])
+    specs = [(lat * 512, 512.0), (lat[:70] * 256 + 40, 256.0), (clam, 256.0), (np.array([[3, 3]]), 256.0),
+             (np.array([[0, 0], [0, 0], [256, 0], [256, 256]]), 256.0), (lat[:50] * 448, 448.0)]
+    bags = []
+    for i, (p, step) in enumerate(specs):
+        n = len(p)
+        ei = torch.stack([torch.arange(n), torch.arange(n).roll(1)]) if n > 1 else torch.zeros(2, 0, dtype=torch.long)
+        bags.append(make_bag(torch.randn(n, 3), pos=torch.from_numpy(p), y=i % 2, step_level0=step,
+                             edge_index=ei, edge_weight=torch.rand(ei.size(1))))
+    return bags
+
+
+@pytest.mark.parametrize("transform", [GridGraph(8), GridGraph(4), GridGraph(8, step=256), KNNGraph(1), KNNGraph(6),
+                                       RadiusGraph(300.0), RadiusGraph(800.0)], ids=repr)
+def test_transform_on_batch_equals_per_bag(transform):
+    from torch_geometric.loader import DataLoader
+
+    bags = _mixed_bags()
+    one_by_one = [transform(b.clone()) for b in bags]
+    ref = Batch.from_data_list(one_by_one)
+    for batch in (Batch.from_data_list([b.clone() for b in bags]),
+                  next(iter(DataLoader([b.clone() for b in bags], batch_size=len(bags))))):
+        out = transform(batch)
+        assert torch.equal(out.edge_index, ref.edge_index)
+        row, col = out.edge_index
+        assert int((out.batch[row] != out.batch[col]).sum()) == 0  # no cross-bag edge
+        assert "edge_weight" not in out
+        check_canonical(out.edge_index)
+        # the slicing tables follow: to_data_list gives back every bag's own graph
+        for part, single in zip(out.to_data_list(), one_by_one):
+            assert torch.equal(part.edge_index, single.edge_index)
+            assert "edge_weight" not in part
+            assert torch.equal(part.pos, single.pos)
+
+
+def test_batch_blind_build_would_join_bags():
+    # the oracle above can fail: the same transform on the concatenated positions without the
+    # bag index links bags (their coordinates overlap)
+    bags = _mixed_bags()
+    batch = Batch.from_data_list(bags)
+    for transform in (GridGraph(8, step=256), KNNGraph(6), RadiusGraph(800.0)):
+        blind = transform(make_bag(batch.x, pos=batch.pos))
+        row, col = blind.edge_index
+        assert int((batch.batch[row] != batch.batch[col]).sum()) > 0
+
+
+def test_grid_graph_on_batch_infers_every_bags_step():
+    # no step attribute: bags at 512 and 256 px get their own step (a batch-wide step would give
+    # the 512-px bag no edges, or link 2-step neighbours of the 256-px bag)
+    rng = np.random.default_rng(2)
+    lat = np.argwhere(rng.random((9, 9)) < 0.8)
+    bags = [make_bag(torch.randn(len(lat), 2), pos=torch.from_numpy(lat * s)) for s in (512, 256)]
+    out = GridGraph()(Batch.from_data_list(bags))
+    ref = [oracle_edges(lat * s, 1.01 * math.sqrt(2) * s) for s in (512, 256)]
+    got = [edge_set(p.edge_index) for p in out.to_data_list()]
+    assert got == ref and all(len(r) > 0 for r in ref)
+
+
+def test_grid_graph_batch_warns_for_a_wrong_step_attribute():
+    lat = np.argwhere(np.ones((4, 5), dtype=bool))
+    bags = [make_bag(torch.randn(20, 2), pos=torch.from_numpy(lat * 512), step_level0=256.0),
+            make_bag(torch.randn(20, 2), pos=torch.from_numpy(lat * 256), step_level0=256.0)]
+    with pytest.warns(UserWarning, match="disagrees with the coordinate spacing"):
+        out = GridGraph()(Batch.from_data_list(bags))
+    assert [edge_set(p.edge_index) for p in out.to_data_list()] == [
+        oracle_edges(lat * 512, 1.01 * math.sqrt(2) * 512), oracle_edges(lat * 256, 1.01 * math.sqrt(2) * 256)]
+
+
+def test_feature_distance_weights_on_batch():
+    bags = [GridGraph()(b) for b in _mixed_bags()]
+    t = FeatureDistanceWeights()
+    out = t(Batch.from_data_list([b.clone() for b in bags]))
+    ref = Batch.from_data_list([t(b.clone()) for b in bags])
+    assert torch.equal(out.edge_weight, ref.edge_weight)
+    for part, single in zip(out.to_data_list(), bags):
+        assert torch.equal(part.edge_weight, t(single.clone()).edge_weight)

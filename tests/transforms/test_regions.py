@@ -140,7 +140,11 @@ def test_grid_adjacency_matches_networkx():
     idx = {tuple(int(v) for v in c): i for i, c in enumerate(cells)}
     want = {(idx[a], idx[b]) for a, b in g.edges} | {(idx[b], idx[a]) for a, b in g.edges}
     assert set(map(tuple, e.T.tolist())) == want and e.shape[1] == len(want)
-    assert grid_adjacency(np.array([[0.0, 0.0], [1.0, 0.0], [2.5, 0.0]])) is None
+    # scattered points (no common nearest-neighbour distance) are not a patch grid
+    assert grid_adjacency(np.random.default_rng(0).random((50, 2)) * 1000) is None
+    # a lattice with an isolated off-lattice patch (another contour's origin) still is one
+    e = grid_adjacency(np.array([[0.0, 0.0], [1.0, 0.0], [2.5, 0.0]]))
+    assert set(map(tuple, e.T.tolist())) == {(0, 1), (1, 0)}
 
 
 def test_bad_input():
@@ -153,3 +157,94 @@ def test_bad_input():
     with pytest.raises(ValueError, match="region"):
         global_region_index(Data(x=torch.randn(3, 2)))
     assert "method='kd'" in repr(RegionPartition())
+
+
+# ----------------------------------------------------------------------------------------------
+# CLAM: three tissue pieces on 256-px lattices whose origins are offset by 128 px
+# ----------------------------------------------------------------------------------------------
+def clam_three_pieces(seed=0, step=256):
+    """Three ragged elliptic pieces, each on its own lattice; origins offset by (128, 128) and
+    (128, 0) from the first (CLAM starts a lattice at every contour's bounding box)."""
+    rng = np.random.default_rng(seed)
+    origins = [(1000, 1000), (1000 + 22 * step + 128, 1000 + 128), (1000 + 128, 1000 + 16 * step)]
+    out = []
+    for o, (rx, ry) in zip(origins, [(9, 6), (6, 7), (8, 5)]):
+        xx, yy = np.meshgrid(np.arange(2 * rx + 1), np.arange(2 * ry + 1), indexing="ij")
+        inside = ((xx - rx) / (rx + 0.5)) ** 2 + ((yy - ry) / (ry + 0.5)) ** 2 <= 1.0
+        inside &= rng.random(inside.shape) > 0.1
+        out.append(np.stack([xx[inside], yy[inside]], 1) * step + np.array(o))
+    return np.concatenate(out).astype(np.int64)
+
+
+def oracle_graph(pos, radius):
+    """networkx graph of the brute-force O(N^2) distance rule (the independent oracle)."""
+    p = pos.astype(np.float64)
+    d = np.sqrt(((p[:, None] - p[None]) ** 2).sum(-1))
+    g = nx.Graph()
+    g.add_nodes_from(range(len(p)))
+    g.add_edges_from(zip(*np.nonzero(np.triu(d <= radius, 1))))
+    return g
+
+
+def test_grid_adjacency_on_clam_three_pieces_matches_bruteforce():
+    pos = clam_three_pieces()
+    assert min(np.diff(np.unique(pos[:, a])).min() for a in range(2)) == 128  # the old step guess
+    g = oracle_graph(pos, 1.01 * np.sqrt(2) * 256)
+    want = {(a, b) for a, b in g.edges} | {(b, a) for a, b in g.edges}
+    e = grid_adjacency(pos)
+    assert len(want) > 1000 and set(map(tuple, e.T.tolist())) == want and e.shape[1] == len(want)
+    assert nx.number_connected_components(g) == 3
+
+
+@pytest.mark.parametrize("num_regions", [4, 8])
+def test_region_partition_on_clam_three_pieces_repairs_with_the_true_grid(num_regions):
+    pos = clam_three_pieces(seed=num_regions)
+    g = oracle_graph(pos, 1.01 * np.sqrt(2) * 256)
+    data = RegionPartition(num_regions)(Data(x=torch.randn(len(pos), 2), pos=torch.from_numpy(pos)))
+    region = data.region.numpy()
+    m = data.num_regions
+    assert sorted(set(region.tolist())) == list(range(m)) and m == num_regions
+    # the repair's fixed point, checked on the oracle graph: every piece of a region other than its
+    # largest has no grid edge to another region (else it would have moved there). With the old
+    # per-axis step guess (128 px: no edges at all) the repair did nothing and this failed.
+    for k in range(m):
+        comps = sorted(nx.connected_components(g.subgraph(np.flatnonzero(region == k).tolist())), key=len)
+        for comp in comps[:-1]:
+            assert all(region[v] == k for u in comp for v in g[u]), f"region {k}: a stray piece touches another region"
+    # a region spans at most the tissue pieces it needs: its pieces are pieces of the tissue
+    for k in range(m):
+        assert nx.number_connected_components(g.subgraph(np.flatnonzero(region == k).tolist())) <= 3
+
+
+# ----------------------------------------------------------------------------------------------
+# RegionPartition on a Batch, and its repr
+# ----------------------------------------------------------------------------------------------
+def test_region_partition_on_batch_equals_per_bag():
+    bags = [to_bag(blob(s, h=12 + s, w=15)) for s in range(3)]
+    bags.append(Data(x=torch.randn(len(clam_three_pieces()), 4), pos=torch.from_numpy(clam_three_pieces())))
+    bags.append(to_bag(np.zeros((1, 2), dtype=np.int64)))
+    scattered = torch.rand(30, 2) * 1000  # not a patch grid: the bag's own edges are used
+    ring = torch.arange(30)
+    bags.append(Data(x=torch.randn(30, 4), pos=scattered, edge_index=torch.stack([ring, ring.roll(1)])))
+    for b in bags[:-1]:
+        b.edge_index = torch.zeros(2, 0, dtype=torch.long)
+    for t in (RegionPartition(6), RegionPartition(4, method="grid", order=False)):
+        one_by_one = [t(b.clone()) for b in bags]
+        ref = Batch.from_data_list(one_by_one)
+        for batch in (Batch.from_data_list([b.clone() for b in bags]),
+                      next(iter(DataLoader([b.clone() for b in bags], batch_size=len(bags))))):
+            out = t(batch)
+            assert torch.equal(out.region, ref.region)
+            assert torch.equal(out.num_regions, ref.num_regions)
+            assert torch.equal(global_region_index(out)[0], global_region_index(ref)[0])
+            for part, single in zip(out.to_data_list(), one_by_one):
+                assert torch.equal(part.region, single.region)
+                assert int(part.num_regions) == single.num_regions
+
+
+def test_region_partition_reprs_differ_when_parameters_differ():
+    variants = [RegionPartition(), RegionPartition(4), RegionPartition(method="kmeans"), RegionPartition(min_region_size=3),
+                RegionPartition(seed=1), RegionPartition(step=256), RegionPartition(repair=False),
+                RegionPartition(order=False)]
+    reprs = [repr(t) for t in variants]
+    assert len(set(reprs)) == len(reprs), reprs

@@ -73,7 +73,13 @@ def test_batch_is_subsampled_per_bag_and_unbatches():
 
 
 def test_repr_and_errors():
-    assert repr(RandomSubsample(0.5, min_instances=2, seed=3)) == "RandomSubsample(ratio=0.5, min_instances=2, seed=3)"
+    assert repr(RandomSubsample(0.5, min_instances=2, seed=3)) == (
+        "RandomSubsample(ratio=0.5, min_instances=2, generator=None, seed=3)")
+    # every constructor argument shows: different arguments, different reprs (dataset cache keys)
+    reprs = [repr(t) for t in (RandomSubsample(0.5), RandomSubsample(0.25), RandomSubsample(0.5, min_instances=3),
+                               RandomSubsample(0.5, seed=1), RandomSubsample(0.5, seed=2),
+                               RandomSubsample(0.5, generator=torch.Generator().manual_seed(7)))]
+    assert len(set(reprs)) == len(reprs), reprs
     with pytest.raises(ValueError, match="'ratio'"):
         RandomSubsample(0.0)
     with pytest.raises(ValueError, match="'min_instances'"):
