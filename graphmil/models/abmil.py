@@ -79,11 +79,6 @@ class ABMIL(MILModel):
         if not 0.0 <= dropout < 1.0 or not 0.0 <= attention_dropout < 1.0:
             raise ValueError(f"ABMIL: 'dropout' and 'attention_dropout' must be in [0, 1), got "
                              f"{dropout} and {attention_dropout}")
-        self.embed_dim = embed_dim
-        self.attention_dim = attention_dim
-        self.gated = gated
-        self.dropout = dropout
-        self.attention_dropout = attention_dropout
         self.embed = instance_mlp(in_channels, widths, dropout)
         self.pool = AttentionAggregation(widths[-1], attention_dim, gated=gated,
                                          dropout=attention_dropout)
@@ -96,8 +91,3 @@ class ABMIL(MILModel):
         p = self.pool.attend(h, index, dim_size=num_bags)
         return MILOutput(bag_logits=self.classifier(p.pooled), instance_scores=p.logits,
                          attention=p.attention, batch=index)
-
-    def extra_repr(self) -> str:
-        return (f"in_channels={self.in_channels}, num_classes={self.num_classes}, "
-                f"embed_dim={self.embed_dim}, attention_dim={self.attention_dim}, gated={self.gated}, "
-                f"dropout={self.dropout}, attention_dropout={self.attention_dropout}")

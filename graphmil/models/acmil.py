@@ -68,13 +68,6 @@ class ACMIL(MILModel):
         diversity_weight: float = 1.0,
     ) -> None:
         super().__init__(in_channels, num_classes)
-        self.embed_dim = embed_dim
-        self.dropout = dropout
-        self.hidden_channels = hidden_channels
-        self.branches = branches
-        self.top_k = top_k
-        self.mask_ratio = mask_ratio
-        self.diversity_weight = diversity_weight
         self.embed = instance_mlp(in_channels, [embed_dim], dropout)
         self.pool = MultiBranchAttentionAggregation(embed_dim, hidden_channels, branches, top_k, mask_ratio)
         self.branch_weight = Parameter(torch.empty(branches, num_classes, embed_dim))
@@ -119,8 +112,3 @@ class ACMIL(MILModel):
         }
         terms.update(out.aux_losses)
         return terms
-
-    def extra_repr(self) -> str:
-        return (f"in_channels={self.in_channels}, num_classes={self.num_classes}, embed_dim={self.embed_dim}, "
-                f"dropout={self.dropout}, hidden_channels={self.hidden_channels}, branches={self.branches}, "
-                f"top_k={self.top_k}, mask_ratio={self.mask_ratio}, diversity_weight={self.diversity_weight}")

@@ -103,20 +103,6 @@ class AINet(MILModel):
                              f"set 'embed_dim' to a multiple of heads")
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"AINet: 'dropout' must be in [0, 1), got {dropout}")
-        self.num_regions = num_regions
-        self.beta = beta
-        self.heads = heads
-        self.rho = rho
-        self.neighbour = neighbour
-        self.anchors = anchors
-        self.k = k
-        self.embed_dim = embed_dim
-        self.attention_dim = attention_dim
-        self.dropout = dropout
-        self.lambda_region = lambda_region
-        self.lambda_consistency = lambda_consistency
-        self.share_attention = share_attention
-        self.min_region_size = min_region_size
         if embed_dim is None:
             self.embed = None
         else:
@@ -171,11 +157,3 @@ class AINet(MILModel):
             out.extra["region_logits"], y, out.extra["region_batch"], out.bag_logits.size(0))
         terms.update(out.aux_losses)
         return terms
-
-    def extra_repr(self) -> str:
-        return (f"in_channels={self.in_channels}, num_classes={self.num_classes}, "
-                f"num_regions={self.num_regions}, beta={self.beta}, heads={self.heads}, rho={self.rho}, "
-                f"neighbour={self.neighbour!r}, anchors='{self.anchors}', k={self.k}, "
-                f"embed_dim={self.embed_dim}, attention_dim={self.attention_dim}, dropout={self.dropout}, "
-                f"lambda_region={self.lambda_region}, lambda_consistency={self.lambda_consistency}, "
-                f"share_attention={self.share_attention})")

@@ -31,15 +31,9 @@ class _PooledBaseline(MILModel):
                  embed_dim: Union[int, Sequence[int]] = 512, dropout: float = 0.0) -> None:
         super().__init__(in_channels, num_classes)
         widths = [embed_dim] if isinstance(embed_dim, int) else list(embed_dim)
-        self.embed_dim = embed_dim
-        self.dropout = dropout
         self.embed = instance_mlp(in_channels, widths, dropout)
         self.classifier = Linear(widths[-1], num_classes)
         self.reset_parameters()
-
-    def extra_repr(self) -> str:
-        return (f"in_channels={self.in_channels}, num_classes={self.num_classes}, "
-                f"embed_dim={self.embed_dim}, dropout={self.dropout}")
 
 
 @register_model("meanmil")

@@ -35,6 +35,13 @@ class CASii(MILModel):
     a bag is positive for the instance loss when its class is not ``0`` (class 0 = normal), and
     negative bags for the key bank are those of class 0.
 
+    **A key bank once set is kept.** :attr:`is_prepared` is ``True`` as soon as the bank is non-empty
+    -- passed as ``keys=``, built by :meth:`prepare`, or loaded from a checkpoint with
+    ``load_state_dict`` -- and the trainer calls :meth:`prepare` only when it is ``False`` (or when a
+    rebuild is asked for). So a CASii given ``keys=`` (say 37 keys) trains with those 37 keys; calling
+    :meth:`prepare` yourself always rebuilds the bank. ``keys=`` is not part of :meth:`spec` (a tensor):
+    the bank travels in the ``state_dict`` (buffer ``pool.keys``).
+
     Args:
         in_channels (int): instance feature width ``D``.
         num_classes (int): bag output width ``C`` (default ``1``, binary).
@@ -70,18 +77,17 @@ class CASii(MILModel):
         super().__init__(in_channels, num_classes)
         if isinstance(t, bool) or not isinstance(t, int) or t < 1:
             raise ValueError(f"CASii: 't' must be an integer >= 1, got {t!r}")
-        self.hidden_channels = hidden_channels
-        self.temperature = temperature
-        self.t = t
-        self.r = r
-        self.lambda_bot = lambda_bot
-        self.lambda_top = lambda_top
-        self.warmup_epochs = warmup_epochs
         self.pool = CASiiAggregation(in_channels, keys, hidden_channels, temperature)
         self.classifier = Linear(hidden_channels, num_classes)
         self.instance_loss = CASiiInstanceLoss(r, lambda_bot, lambda_top, warmup_epochs)
         self.key_info: Optional[KeySelection] = None
         self.reset_parameters()
+
+    @property
+    def is_prepared(self) -> bool:
+        """``True`` when the key bank is non-empty (given as ``keys=``, built by :meth:`prepare` or
+        loaded with ``load_state_dict``)."""
+        return self.pool.num_keys > 0
 
     @property
     def keys(self) -> Tensor:
@@ -93,11 +99,15 @@ class CASii(MILModel):
         self.pool.set_keys(keys)
 
     def prepare(self, train_bags, progress: bool = True) -> None:
-        """Build the key bank from the negative bags (``y == 0``) among ``train_bags``.
+        """(Re)build the key bank from the negative bags (``y == 0``) among ``train_bags``.
 
         Pass the bags of the **training split only**. The selection details (source of each key,
         skipped bags) are kept in :attr:`key_info`. Re-initialises ``w_s``: build the optimizer
-        afterwards.
+        afterwards. Always rebuilds, even when :attr:`is_prepared` (the trainer checks that first).
+
+        Args:
+            train_bags (iterable of Data): the training bags (labelled).
+            progress (bool): show the key-selection progress bar (default ``True``).
 
         Raises:
             ValueError: if a bag has no label, or none of the bags is a usable negative bag.
@@ -135,7 +145,5 @@ class CASii(MILModel):
         self.classifier.reset_parameters()
 
     def extra_repr(self) -> str:
-        return (f"in_channels={self.in_channels}, num_classes={self.num_classes}, "
-                f"num_keys={self.pool.num_keys}, hidden_channels={self.hidden_channels}, "
-                f"temperature={self.temperature}, t={self.t}, r={self.r}, lambda_bot={self.lambda_bot}, "
-                f"lambda_top={self.lambda_top}, warmup_epochs={self.warmup_epochs}")
+        """The hyperparameters (see :class:`~graphmil.models.MILModel`) and ``num_keys``."""
+        return f"{super().extra_repr()}, num_keys={self.pool.num_keys}"

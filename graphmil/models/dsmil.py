@@ -61,11 +61,6 @@ class DSMIL(MILModel):
         passing_v: bool = False,
     ) -> None:
         super().__init__(in_channels, num_classes)
-        self.embed_dim = embed_dim
-        self.dropout = dropout
-        self.query_channels = query_channels
-        self.nonlinear = nonlinear
-        self.passing_v = passing_v
         self.embed = instance_mlp(in_channels, [embed_dim], dropout)
         self.pool = DSMILAggregation(embed_dim, num_classes, query_channels, nonlinear, passing_v, dropout)
 
@@ -93,8 +88,3 @@ class DSMIL(MILModel):
         }
         terms.update(out.aux_losses)
         return terms
-
-    def extra_repr(self) -> str:
-        return (f"in_channels={self.in_channels}, num_classes={self.num_classes}, embed_dim={self.embed_dim}, "
-                f"dropout={self.dropout}, query_channels={self.query_channels}, nonlinear={self.nonlinear}, "
-                f"passing_v={self.passing_v}")

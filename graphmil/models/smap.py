@@ -80,15 +80,6 @@ class SmAP(MILModel):
         dropout: float = 0.0,
     ) -> None:
         super().__init__(in_channels, num_classes)
-        self.embed_dim = embed_dim
-        self.hidden_channels = hidden_channels
-        self.where = where
-        self.spectral_norm = spectral_norm
-        self.alpha = alpha
-        self.K = K
-        self.learn_alpha = learn_alpha
-        self.mode = mode
-        self.dropout = dropout
         self.embed = Linear(in_channels, embed_dim)
         self.pool = SmAttentionAggregation(embed_dim, hidden_channels, where=where, spectral_norm=spectral_norm,
                                            alpha=alpha, K=K, learn_alpha=learn_alpha, mode=mode)
@@ -101,8 +92,3 @@ class SmAP(MILModel):
         out = self.pool.attend(h, index, dim_size=num_bags, edge_index=edge_index, edge_weight=edge_weight)
         return MILOutput(self.classifier(out.pooled), instance_scores=out.logits, attention=out.attention,
                          batch=index)
-
-    def extra_repr(self) -> str:
-        return (f"{super().extra_repr()}, embed_dim={self.embed_dim}, hidden_channels={self.hidden_channels}, "
-                f"where={self.where!r}, spectral_norm={self.spectral_norm}, alpha={self.alpha}, K={self.K}, "
-                f"learn_alpha={self.learn_alpha}, mode={self.mode!r}, dropout={self.dropout}")

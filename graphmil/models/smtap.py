@@ -74,19 +74,6 @@ class SmTAP(MILModel):
         dropout: float = 0.0,
     ) -> None:
         super().__init__(in_channels, num_classes)
-        self.embed_dim = embed_dim
-        self.hidden_channels = hidden_channels
-        self.where = where
-        self.heads = heads
-        self.num_layers = num_layers
-        self.spectral_norm = spectral_norm
-        self.alpha = alpha
-        self.K = K
-        self.learn_alpha = learn_alpha
-        self.mode = mode
-        self.sm_transformer = sm_transformer
-        self.sm_pool = sm_pool
-        self.dropout = dropout
         self.embed = Linear(in_channels, embed_dim)
         self.encoder = SmTransformerEncoder(embed_dim, heads, num_layers, dropout=dropout, use_sm=sm_transformer,
                                             alpha=alpha, K=K, learn_alpha=learn_alpha, mode=mode)
@@ -109,10 +96,3 @@ class SmTAP(MILModel):
             out = self.pool.attend(z, index, dim_size=num_bags)
         return MILOutput(self.classifier(out.pooled), instance_scores=out.logits, attention=out.attention,
                          batch=index)
-
-    def extra_repr(self) -> str:
-        return (f"{super().extra_repr()}, embed_dim={self.embed_dim}, hidden_channels={self.hidden_channels}, "
-                f"where={self.where!r}, heads={self.heads}, num_layers={self.num_layers}, "
-                f"spectral_norm={self.spectral_norm}, alpha={self.alpha}, K={self.K}, "
-                f"learn_alpha={self.learn_alpha}, mode={self.mode!r}, sm_transformer={self.sm_transformer}, "
-                f"sm_pool={self.sm_pool}, dropout={self.dropout}")

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch_geometric.data import Batch, Data
 
-from graphmil.models import MILOutput, create_model, list_models
+from graphmil.models import MILOutput, create_model, list_models, model_parameters
 
 D = 16
 
@@ -111,3 +111,61 @@ def test_wrong_feature_width_and_missing_label_are_clear_errors(name):
     del batch.y
     with pytest.raises(ValueError, match="no bag label 'y'"):
         model.losses(out, batch)
+
+
+# Non-default hyperparameters for the spec round trip (small, valid for D = 16).
+NON_DEFAULT = {
+    "abmil": dict(embed_dim=(8, 4), attention_dim=6, gated=False, dropout=0.1),
+    "acmil": dict(embed_dim=8, hidden_channels=6, branches=3, top_k=2, mask_ratio=0.5),
+    "ainet": dict(embed_dim=8, heads=2, anchors="topk", k=3, neighbour=None, share_attention=False),
+    "casii": dict(hidden_channels=8, t=4, r=2, warmup_epochs=0),
+    "dsmil": dict(embed_dim=8, query_channels=4, passing_v=True),
+    "maxmil": dict(embed_dim=[8, 6]),
+    "meanmil": dict(embed_dim=(8,), dropout=0.2),
+    "smap": dict(embed_dim=8, hidden_channels=4, where="late", K=3, learn_alpha=False),
+    "smtap": dict(embed_dim=8, hidden_channels=4, heads=2, num_layers=1, sm_pool=False),
+}
+
+
+def test_non_default_table_covers_every_model():
+    assert sorted(NON_DEFAULT) == list_models()
+
+
+@pytest.mark.parametrize("kw", ["default", "non-default"])
+@pytest.mark.parametrize("name", list_models())
+def test_hparams_repr_and_attributes(name, kw):
+    kwargs = NON_DEFAULT[name] if kw == "non-default" else {}
+    model = create_model(name, D, 2, **kwargs)
+    hp = model.hparams
+    params = model_parameters(name)
+    assert list(hp) == list(params)  # every constructor hyperparameter, in signature order
+    for k, default in params.items():
+        assert hp[k] == kwargs.get(k, default)
+        assert getattr(model, k) is hp[k] or k == "keys"  # `keys` is CASii's key-bank property
+    text = model.extra_repr()
+    assert text.startswith(f"in_channels={D}, num_classes=2, ") and text in repr(model)
+    for k, v in hp.items():
+        shown = repr(list(v)) if isinstance(v, tuple) else repr(v)  # a tuple as the spec's list
+        assert f"{k}={shown}" in text, (k, text)
+    hp["embed_dim"] = "changed"  # a copy
+    assert model.hparams.get("embed_dim") != "changed"
+
+
+@pytest.mark.parametrize("kw", ["default", "non-default"])
+@pytest.mark.parametrize("name", list_models())
+def test_spec_round_trip_through_json_and_yaml(name, kw):
+    import json
+
+    import yaml
+
+    model = create_model(name, D, 3, **(NON_DEFAULT[name] if kw == "non-default" else {}))
+    spec = model.spec()
+    assert set(spec) == {"name", "in_channels", "num_classes", "kwargs"}
+    assert spec["name"] == name and spec["in_channels"] == D and spec["num_classes"] == 3
+    for s in (json.loads(json.dumps(spec)), yaml.safe_load(yaml.safe_dump(spec))):
+        assert s == spec  # plain data: tuples are already lists
+        other = create_model(s["name"], s["in_channels"], s["num_classes"], **s["kwargs"])
+        assert repr(other) == repr(model)
+        assert {k: v.shape for k, v in other.state_dict().items()} == \
+               {k: v.shape for k, v in model.state_dict().items()}
+        assert other.spec() == spec

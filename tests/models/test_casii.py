@@ -95,3 +95,48 @@ def test_repr_and_args():
     assert "t=7" in repr(model) and "num_keys=0" in repr(model)
     with pytest.raises(ValueError, match="'t'"):
         create_model("casii", in_channels=D, t=0)
+
+
+def _prepare_like_the_trainer(model, train_bags, rebuild=False):
+    # the trainer's rule: prepare only when the model is not prepared, or a rebuild is asked for
+    if rebuild or not model.is_prepared:
+        model.prepare(train_bags, progress=False)
+
+
+def test_is_prepared_and_a_given_key_bank_is_kept():
+    data = bags()
+    fresh = create_model("casii", in_channels=D, hidden_channels=8, t=4)
+    assert not fresh.is_prepared
+    _prepare_like_the_trainer(fresh, data)
+    assert fresh.is_prepared and fresh.keys.size(0) > 0
+    built = fresh.keys.clone()
+    _prepare_like_the_trainer(fresh, bags(seed=5))  # prepared: left alone
+    assert torch.equal(fresh.keys, built)
+
+    given = torch.randn(37, D)
+    model = create_model("casii", in_channels=D, hidden_channels=8, keys=given)
+    assert model.is_prepared and model.pool.num_keys == 37
+    _prepare_like_the_trainer(model, data)
+    assert model.pool.num_keys == 37 and torch.equal(model.keys, given)
+    _prepare_like_the_trainer(model, data, rebuild=True)  # an explicit rebuild does rebuild
+    assert torch.equal(model.keys, select_negative_keys([b for b in data if int(b.y) == 0], t=50, progress=False))
+
+    loaded = create_model("casii", in_channels=D, hidden_channels=8)
+    loaded.load_state_dict(fresh.state_dict())
+    assert loaded.is_prepared and torch.equal(loaded.keys, built)
+    assert create_model("abmil", in_channels=D).is_prepared  # nothing to prepare
+
+
+def test_spec_leaves_the_key_bank_to_the_state_dict():
+    import json
+
+    model = create_model("casii", in_channels=D, hidden_channels=8, t=3, keys=torch.randn(37, D))
+    spec = json.loads(json.dumps(model.spec()))
+    assert "keys" not in spec["kwargs"] and spec["kwargs"]["t"] == 3
+    assert "keys=Tensor[37, 10]" in repr(model) and "num_keys=37" in repr(model)
+    other = create_model(spec["name"], spec["in_channels"], spec["num_classes"], **spec["kwargs"])
+    assert not other.is_prepared
+    other.load_state_dict(model.state_dict())
+    assert other.is_prepared and other.pool.num_keys == 37
+    batch = Batch.from_data_list(bags())
+    torch.testing.assert_close(other(batch).bag_logits, model(batch).bag_logits, rtol=0, atol=0)

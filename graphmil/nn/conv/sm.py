@@ -194,7 +194,7 @@ class _ApproxSm(torch.autograd.Function):
         grad_u = _sm_recursion(ctx.adj, grad, a, K) if ctx.needs_input_grad[0] else None
         grad_alpha = None
         if ctx.needs_input_grad[1] and a == 0.0:
-            grad_alpha = None  # unreachable for sigmoid(theta); kept for a fixed alpha = 0
+            grad_alpha = None  # unreachable: alpha_value keeps alpha >= finfo(dtype).eps
         if ctx.needs_input_grad[1] and a > 0.0:
             f = u.size(1)
             gd = torch.cat([u, torch.zeros_like(u)], dim=1)  # [G_t | D_t]
@@ -202,7 +202,7 @@ class _ApproxSm(torch.autograd.Function):
             shift = torch.cat([u * (1.0 - a), -u], dim=1)  # (1-a) U for G, -U for D
             for _ in range(K):
                 # [G' | D'] = a A [G | D] + [(1-a) U | -U], fused into the reused buffer; then
-                # D' += A G, where A G = (G' - (1-a) U) / a (a = sigmoid(theta) > 0 here).
+                # D' += A G, where A G = (G' - (1-a) U) / a (a >= finfo(dtype).eps > 0 here).
                 torch.addmm(shift, ctx.adj_t, gd, beta=1.0, alpha=a, out=nxt)
                 nxt[:, f:].add_(nxt[:, :f], alpha=1.0 / a).sub_(u, alpha=(1.0 - a) / a)
                 gd, nxt = nxt, gd
@@ -287,9 +287,20 @@ class SmConv(MessagePassing):
     backward that is another CG solve (gradients w.r.t. :math:`U` and :math:`\alpha`).
 
     :math:`\alpha` is the *propagation weight* in both modes (the graphmil convention, that of the
-    paper's equations). With ``learn_alpha=True``, :math:`\alpha = \sigma(\theta)` with
-    :math:`\theta` a parameter initialised at :math:`\mathrm{logit}(\alpha)`; one :math:`\alpha`
-    per layer.
+    paper's equations). With ``learn_alpha=True``,
+
+    .. math::
+        \alpha = \mathrm{clip}\big(\sigma(\theta),\ \epsilon,\ 1 - \epsilon\big), \qquad
+        \frac{\partial \alpha}{\partial \theta} = \sigma(\theta)\,\big(1 - \sigma(\theta)\big)
+        \quad \text{(straight-through at the bounds)},
+
+    with :math:`\theta` a parameter initialised at :math:`\mathrm{logit}(\alpha)` (so the clip is
+    inactive and :math:`\alpha` is exactly the requested value) and :math:`\epsilon` the machine
+    epsilon of the dtype the layer runs in (:math:`2^{-23}` in float32): :math:`\sigma(\theta)`
+    rounds to exactly ``1`` in float32 for :math:`\theta \gtrsim 16.6`, and :math:`\alpha` and
+    :math:`1-\alpha` must stay non-zero (the recursion's :math:`(1-\alpha) U`, the exact system's
+    conditioning, the :math:`\alpha` tangent's division by :math:`\alpha`). A fixed ``alpha`` is
+    clipped the same way. One :math:`\alpha` per layer.
 
     :math:`\hat A` is computed from ``edge_index``/``edge_weight`` on every call (never cached: a
     batch holds different bags), stored as one ``torch.sparse_csr`` matrix per forward and reused
@@ -307,10 +318,11 @@ class SmConv(MessagePassing):
     available in approx mode only.
 
     Args:
-        alpha (float): propagation weight :math:`\alpha \in (0, 1)` (initial value if learnable)
-            (default ``0.5``).
+        alpha (float): propagation weight :math:`\alpha \in (0, 1)` (initial value if learnable;
+            clipped to :math:`[\epsilon, 1-\epsilon]`) (default ``0.5``).
         K (int): iterations of the approx recursion (default ``10``).
-        learn_alpha (bool): learn :math:`\alpha = \sigma(\theta)` (default ``True``).
+        learn_alpha (bool): learn :math:`\alpha = \mathrm{clip}(\sigma(\theta), \epsilon, 1-\epsilon)`
+            (default ``True``).
         mode (str): ``'approx'`` or ``'exact'`` (default ``'approx'``).
         normalize (bool): compute :math:`\hat A` from the edge weights (default ``True``);
             ``False`` uses ``edge_weight`` as the already-normalised :math:`\hat A`.
@@ -374,10 +386,34 @@ class SmConv(MessagePassing):
                 self.theta.fill_(math.log(self.alpha / (1.0 - self.alpha)))
 
     def alpha_value(self, dtype: Optional[torch.dtype] = None, device=None) -> Tensor:
-        r"""The current :math:`\alpha` as a 0-d tensor (differentiable when learnable)."""
+        r"""The current :math:`\alpha` as a 0-d tensor of ``dtype`` (differentiable when learnable),
+        strictly inside :math:`(0, 1)`: :math:`\alpha = \mathrm{clip}(\sigma(\theta), \epsilon, 1 - \epsilon)`
+        with :math:`\epsilon` the machine epsilon of ``dtype`` and a straight-through gradient.
+
+        Args:
+            dtype (torch.dtype, optional): the dtype the operator runs in (default: that of
+                :math:`\theta`, or the default dtype for a fixed :math:`\alpha`).
+            device (torch.device, optional): the device of the result (default: that of
+                :math:`\theta`, or the CPU).
+        """
+        dtype = dtype or (self.theta.dtype if self.theta is not None else torch.get_default_dtype())
+        # Why a bound: sigma(theta) rounds to exactly 1 in float32 for theta >~ 16.6 (and to 0 below
+        # about -103), and alpha = 1 or 0 breaks the operator: the (1 - alpha) U term vanishes, the
+        # exact system (I - alpha A) G = (1 - alpha) U becomes singular, and the alpha tangent of
+        # the approx backward divides by alpha. eps = finfo(dtype).eps (2^-23 in float32) makes both
+        # alpha and 1 - alpha exact, normal, non-zero numbers of the dtype the operator runs in
+        # (1 - eps and eps are representable in every float format, also float16/bfloat16, where a
+        # bound fixed for float32 would round back to 1). We clamp, rather than rescale as
+        # eps + (1 - 2 eps) sigma, so that alpha is sigma(theta) *exactly* inside [eps, 1 - eps]: the
+        # initialisation theta = logit(alpha) gives the requested alpha in every dtype. The gradient
+        # is straight-through (d alpha / d theta = sigma'(theta), not 0 at the bound), so theta can
+        # come back from a bound while sigma has not saturated.
+        eps = torch.finfo(dtype).eps
         if self.theta is not None:
-            return torch.sigmoid(self.theta).to(dtype=dtype or self.theta.dtype, device=device)
-        return torch.tensor(self.alpha, dtype=dtype or torch.get_default_dtype(), device=device)
+            work = torch.promote_types(self.theta.dtype, dtype)  # sigmoid in the wider of the two
+            a = torch.sigmoid(self.theta.to(work)).to(dtype=dtype, device=device)
+            return a.detach().clamp(eps, 1.0 - eps) + (a - a.detach())  # value: exactly the clamp
+        return torch.tensor(self.alpha, dtype=dtype, device=device).clamp(eps, 1.0 - eps)
 
     def forward(
         self,

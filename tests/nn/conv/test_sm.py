@@ -237,11 +237,60 @@ def test_learnable_alpha_stays_in_unit_interval():
     conv = SmConv(0.5)
     with torch.no_grad():
         conv.theta.fill_(50.0)
-    assert 0 < float(conv.alpha_value()) <= 1
+    assert 0 < float(conv.alpha_value()) < 1
     conv.reset_parameters()
     assert abs(float(conv.alpha_value()) - 0.5) < 1e-7
     assert SmConv(0.5, learn_alpha=False).theta is None
     assert len(list(SmConv(0.5, learn_alpha=False).parameters())) == 0
+
+
+@pytest.mark.parametrize("theta", [50.0, -50.0, 1e4, -1e4])
+def test_saturated_theta_keeps_alpha_strictly_inside_and_everything_finite(theta):
+    # float32 sigmoid(50) is exactly 1.0 and sigmoid(-1e4) exactly 0.0: alpha must not be
+    assert float(torch.sigmoid(torch.tensor(abs(theta)))) == 1.0
+    eps32 = torch.finfo(torch.float32).eps
+    for dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
+        conv = SmConv(0.5)
+        with torch.no_grad():
+            conv.theta.fill_(theta)
+        a = conv.alpha_value(dtype)
+        eps = torch.finfo(dtype).eps
+        assert a.dtype == dtype and 0 < float(a) < 1 and 0 < float(1 - a) < 1
+        assert float(a) == (1 - eps if theta > 0 else eps)  # the bound itself, exactly
+    ei = grid_edges(4, 5)
+    for mode in ("approx", "exact"):
+        for needs_w in (False, True):  # the one-node CPU training path and the generic loop
+            conv = SmConv(0.5, K=10, mode=mode, cg_max_iter=50)  # finiteness needs no convergence
+            with torch.no_grad():
+                conv.theta.fill_(theta)
+            u = torch.randn(20, 3, requires_grad=True)
+            w = torch.rand(ei.size(1)).add_(0.1).requires_grad_(needs_w and mode == "approx")
+            out = conv(u, ei, w)
+            assert out.dtype == torch.float32 and torch.isfinite(out).all()
+            (out * torch.randn_like(out)).sum().backward()
+            assert torch.isfinite(u.grad).all() and torch.isfinite(conv.theta.grad).all()
+            if theta < 0:  # alpha = eps: hardly any smoothing, G = eps A G + (1 - eps) U
+                torch.testing.assert_close(out, u.detach(), atol=10 * eps32 * float(u.abs().max()), rtol=0)
+
+
+def test_alpha_is_sigmoid_exactly_inside_the_bounds_with_a_straight_through_gradient():
+    conv = SmConv(0.3)
+    for dtype in (torch.float32, torch.float64):
+        assert torch.equal(conv.alpha_value(dtype), torch.sigmoid(conv.theta.detach().to(dtype)))
+    assert abs(float(SmConv(0.3).alpha_value(torch.float64)) - 0.3) < 1e-7  # init: the requested alpha
+    # theta = 8: sigmoid = 0.99966, above the float16 bound 1 - 2^-10: clipped, gradient sigma'(8) kept
+    conv = SmConv(0.5)
+    with torch.no_grad():
+        conv.theta.fill_(8.0)
+    a = conv.alpha_value(torch.float16)
+    assert float(a) == 1 - 2 ** -10
+    a.float().backward()
+    s = torch.sigmoid(torch.tensor(8.0))
+    torch.testing.assert_close(conv.theta.grad, s * (1 - s))
+    # a fixed alpha is clipped the same way, per dtype
+    fixed = SmConv(1 - 1e-9, learn_alpha=False)
+    assert float(fixed.alpha_value(torch.float32)) == 1 - torch.finfo(torch.float32).eps
+    assert float(fixed.alpha_value(torch.float64)) == 1 - 1e-9
 
 
 def test_sparse_cg_solve_matches_scipy():
