@@ -34,7 +34,6 @@ import os
 import platform
 import sys
 import time
-import warnings
 from typing import Any, Dict, List
 
 import numpy as np
@@ -68,8 +67,8 @@ def run_model(job) -> Dict[str, Any]:
     torch.set_num_threads(1)
     from graphmil.datasets import ColonCancerBags
     from graphmil.models import create_model
-    from graphmil.train import TrainConfig, evaluate, fit
-    from graphmil.train.engine import seed_everything
+    from graphmil.metrics.bag import ignore_undefined_metrics
+    from graphmil.train import TrainConfig, evaluate, fit, seed_everything
     from graphmil.viz import plot_heatmap
 
     name, kwargs, over = MODELS[key]
@@ -84,20 +83,16 @@ def run_model(job) -> Dict[str, Any]:
         t0 = time.perf_counter()
         res = fit(model, train, None, cfg)
         t_fit = time.perf_counter() - t0
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)
+        with ignore_undefined_metrics():
             ev = evaluate(res.model, test, batch_size=16)
         rows.append({"fold": k, "auroc": float(ev["auroc"]), "accuracy": float(ev["accuracy"]),
                      "instance_auroc": float(ev.get("instance_auroc", float("nan"))), "time_s": t_fit})
         if k == 0 and show in list(te):
-            pr = ev.predictions
-            j = list(te).index(show)
-            m = pr["instance_bag"] == j
-            bag = ds[show]
+            rec = ev.predictions[list(te).index(show)]
             heatmap = os.path.join(img_dir, f"colon_{key}.png")
-            plot_heatmap(bag.pos, pr["instance_score"][m], heatmap, image=ds.image(show), labels=bag.y_inst,
+            plot_heatmap(rec.pos, rec.score(), heatmap, image=ds.image(show), labels=rec.y_inst,
                          point_size=18, dpi=90, overwrite=True,
-                         title=f"{LABELS[key]}: {bag.slide_id}, p(positive) = {pr['bag_prob'][j]:.2f}")
+                         title=f"{LABELS[key]}: {rec.slide_id}, p(positive) = {rec.probabilities[1]:.2f}")
             _shrink_png(heatmap)
     return {"key": key, "rows": rows, "heatmap": heatmap}
 

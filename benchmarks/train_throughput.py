@@ -1,7 +1,8 @@
 """Training throughput of graphmil's models against torchmil and a batch-size-1 loop, in one run.
 
 One *optimizer step* = forward on the whole batch + the model's loss terms
-(``sum(model.losses(out, batch).values())``) + backward + ``Adam.step()``. Three ways of training on
+(``sum(model.losses(out, batch).values())``) + backward + ``Adam.step()`` — for graphmil exactly
+``graphmil.train.train_step``, the step the engine runs. Three ways of training on
 the same bags, with the same hyperparameters:
 
 - ``graphmil``: one PyG ``Batch`` of all bags (instances concatenated, block-diagonal edges), one
@@ -51,6 +52,8 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
+
+from graphmil.train.step import train_step  # noqa: E402  (the one step the engine runs too)
 
 MODELS = ["abmil", "smap", "smtap", "casii", "ainet"]
 TORCHMIL = {"abmil": "ABMIL", "smap": "SmABMIL", "smtap": "SmTransformerABMIL"}
@@ -338,27 +341,14 @@ def run_config(cfg: dict) -> dict:
             del bags
 
             def one_pass():
-                out = model(batch)
-                loss = sum(model.losses(out, batch).values())
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                return float(loss.detach())
+                return train_step(model, batch, opt).loss
             steps_per_pass = 1
         else:
             singles = [Batch.from_data_list([b]) for b in bags]
             del bags
 
             def one_pass():
-                total = 0.0
-                for b in singles:
-                    out = model(b)
-                    loss = sum(model.losses(out, b).values())
-                    opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                    opt.step()
-                    total += float(loss.detach())
-                return total / len(singles)
+                return sum(train_step(model, b, opt).loss for b in singles) / len(singles)
             steps_per_pass = len(singles)
 
     model.train()
@@ -660,11 +650,7 @@ def loading_share(args, name: str, D: int) -> List[str]:
         steps = []
         for _ in range(2):
             t0 = time.perf_counter()
-            out = model(batch)
-            loss = sum(model.losses(out, batch).values())
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+            train_step(model, batch, opt)
             steps.append(time.perf_counter() - t0)
         t_step = min(steps[1:])
     finally:

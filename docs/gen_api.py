@@ -22,6 +22,10 @@ PAGES = [
      "[data model guide](../data.md).", ["graphmil.data.bag"]),
     ("utils", "graphmil.utils", ["graphmil.utils"],
      "Segment operations over the batch index: the vocabulary every graphmil layer is written in.", []),
+    ("ops", "graphmil.ops", ["graphmil.ops."],
+     "The floor under `graphmil.nn` and `graphmil.transforms`: geometry (grid step, lattice / k-NN / "
+     "radius edges, per bag), region partitions, instance masks, batch bookkeeping.",
+     ["graphmil.ops.geometry", "graphmil.ops.partition", "graphmil.ops.masking"]),
     ("io", "graphmil.io", ["graphmil.io."],
      "Readers and writers for CLAM, TRIDENT and graphmil's own bag files; score export.", []),
     ("transforms", "graphmil.transforms", ["graphmil.transforms."],
@@ -46,7 +50,12 @@ PAGES = [
      ["graphmil.models.registry", "graphmil.models.base", "graphmil.models.output"]),
     ("metrics", "graphmil.metrics", ["graphmil.metrics."], "Bag and instance metrics.", []),
     ("train", "graphmil.train", ["graphmil.train."],
-     "Training engine: fit, evaluate, cross-validate. See [Training](../training.md).", []),
+     "Training engine: `train_step` (the one step), `fit`, `predict` / `evaluate` (one record per "
+     "bag), patient-grouped `cross_validate` with `splits.csv` and `predictions.csv`, resume, "
+     "`evaluate_run`, checkpoints, and the checks made before anything is written. See "
+     "[Training](../training.md).",
+     ["graphmil.train.step", "graphmil.train.loop", "graphmil.train.inference", "graphmil.train.cv",
+      "graphmil.train.runs", "graphmil.train.data", "graphmil.train.checkpoint", "graphmil.train.config"]),
     ("viz", "graphmil.viz", ["graphmil.viz."], "Attention heatmaps.", []),
     ("cli", "graphmil.cli", ["graphmil.cli", "graphmil."],
      "The `graphmil` command. See [Command line and config](../cli.md).", []),

@@ -13,7 +13,6 @@ import csv
 import json
 import os
 import time
-import warnings
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence
 
@@ -46,31 +45,31 @@ DEMO_MODELS: List[DemoSpec] = [
 
 def demo_dataset(quick: bool = False, seed: int = 0):
     """The demo's bags: ``(train, val, test, dataset)`` of :class:`SyntheticBags` (``signal=2.0``,
-    32 features, 40–160 instances per bag, 160 bags), split 60/15/25 %
-    stratified by bag label. ``quick`` changes only the number of epochs, not the bags."""
+    32 features, 40–160 instances per bag, 160 bags), split 60/15/25 % stratified by bag label
+    and grouped by case (:func:`graphmil.data.holdout_split`; each synthetic bag is its own
+    case). ``quick`` changes only the number of epochs, not the bags."""
+    from graphmil.data.splits import holdout_split
     from graphmil.datasets import SyntheticBags
-    from graphmil.train.engine import _split, bag_labels, subset
+    from graphmil.train.data import dataset_meta, subset
 
     n = 160
     ds = SyntheticBags(num_bags=n, num_features=32, seed=seed, min_instances=40, max_instances=160,
                        signal=2.0)
-    labels = bag_labels(ds)
-    rest, test = _split(np.arange(n), labels, 0.25, seed)
-    train, val = _split(rest, labels, 0.2, seed)
+    meta = dataset_meta(ds)
+    groups = np.asarray(meta.case_ids)
+    rest, test = holdout_split(meta.labels, 0.25, seed, groups)
+    rest = np.asarray(rest)
+    a, b = holdout_split(meta.labels[rest], 0.2, seed, groups[rest])
+    train, val = rest[a], rest[b]
     return subset(ds, train), subset(ds, val), subset(ds, test), ds
 
 
 def _filter_kwargs(name: str, kwargs: Dict[str, Any]) -> Dict[str, Any]:
     # keep only the keyword arguments the registered model accepts (the demo's sizes are hints)
-    import inspect
+    from graphmil.models.registry import model_parameters
 
-    from graphmil.models.registry import _REGISTRY, _load_builtin
-
-    _load_builtin()
-    params = inspect.signature(_REGISTRY[name].__init__).parameters
-    if any(p.kind == p.VAR_KEYWORD for p in params.values()):
-        return dict(kwargs)
-    return {k: v for k, v in kwargs.items() if k in params}
+    accepted = model_parameters(name)
+    return {k: v for k, v in kwargs.items() if k in accepted}
 
 
 def format_table(rows: Sequence[Dict[str, Any]]) -> str:
@@ -104,10 +103,13 @@ def run_demo(out: Optional[str] = None, quick: bool = False, seed: int = 0,
     """
     import torch
 
-    from graphmil.train.config import TrainConfig
-    from graphmil.train.engine import evaluate, fit, make_run_dir, seed_everything
+    from graphmil.metrics.bag import ignore_undefined_metrics
     from graphmil.models import create_model, list_models
-    from graphmil.viz.heatmap import plot_heatmap
+    from graphmil.train.config import TrainConfig
+    from graphmil.train.inference import evaluate
+    from graphmil.train.loop import fit, seed_everything
+    from graphmil.train.runs import make_run_dir
+    from graphmil.viz.heatmap import heatmap_of_prediction
 
     specs = DEMO_MODELS
     if models:
@@ -144,8 +146,7 @@ def run_demo(out: Optional[str] = None, quick: bool = False, seed: int = 0,
         t0 = time.perf_counter()
         res = fit(model, train, val, cfg)
         elapsed = time.perf_counter() - t0
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)
+        with ignore_undefined_metrics():
             ev = evaluate(res.model, test)
         row = {"model": spec.label, "name": spec.name, "auroc": ev["auroc"], "accuracy": ev["accuracy"],
                "f1": ev["f1"], "instance_auroc": ev.get("instance_auroc", float("nan")),
@@ -153,15 +154,12 @@ def run_demo(out: Optional[str] = None, quick: bool = False, seed: int = 0,
                "epochs": res.epochs_run, "best_epoch": res.best_epoch, "time_s": elapsed,
                "aem_lambda": spec.aem_lambda, "kwargs": json.dumps(_filter_kwargs(spec.name, spec.kwargs))}
         rows.append(row)
-        pr = ev.predictions
-        m = pr["instance_bag"] == show
-        if pr["instance_score"] is not None and m.any():
-            bag = test[show]
+        rec = ev.predictions[show]
+        if rec.instance_scores is not None:
             path = os.path.join(run_dir, "heatmaps", f"{spec.label.replace('+', '_')}.png")
-            plot_heatmap(bag.pos, pr["instance_score"][m], path, patch_size=getattr(ds, "patch_size", None),
-                         labels=bag.y_inst,
-                         title=f"{spec.label}: test bag {bag.slide_id} (p={pr['bag_prob'][show]:.2f}); "
-                               "outlined = tumour")
+            heatmap_of_prediction(rec, path, class_names=["normal", "tumour"],
+                                  patch_size=getattr(ds, "patch_size", None), outline_labels=True,
+                                  title_prefix=f"{spec.label}: test bag", note="outlined = tumour")
             heatmaps[spec.label] = path
         echo(f"  {spec.label:<10} bag AUROC {row['auroc']:.3f}  instance AUROC "
              f"{row['instance_auroc']:.3f}  ({elapsed:.1f} s)")

@@ -12,7 +12,7 @@ from typing import Any, List, Optional
 
 import numpy as np
 
-__all__ = ["Split", "stratified_kfold", "splits_from_masks"]
+__all__ = ["Split", "stratified_kfold", "splits_from_masks", "holdout_split"]
 
 
 @dataclass(frozen=True)
@@ -104,7 +104,7 @@ def _inner_val(
             f"in the training part of {where}, found {n_groups}"
         )
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # "least populated class" warnings
+        warnings.filterwarnings("ignore", message=".*least populated class.*", category=UserWarning)
         inner = StratifiedGroupKFold(n_splits=n_inner, shuffle=True, random_state=seed)
         tr_pos, va_pos = next(iter(inner.split(np.zeros(len(train)), y_tr, g_tr)))
     return train[tr_pos], train[va_pos]
@@ -212,7 +212,7 @@ def stratified_kfold(
             folds = splitter.split(np.zeros(n), y)
         else:
             with warnings.catch_warnings():
-                warnings.simplefilter("ignore", UserWarning)
+                warnings.filterwarnings("ignore", message=".*least populated class.*", category=UserWarning)
                 splitter = StratifiedGroupKFold(n_splits=int(k), shuffle=True, random_state=s)
                 folds = list(splitter.split(np.zeros(n), y, g))
         for f, (tr, te) in enumerate(folds):
@@ -254,3 +254,57 @@ def splits_from_masks(train_masks: Any) -> List[Split]:
                 _sorted(np.flatnonzero(m[r, f])), [], _sorted(np.flatnonzero(~m[r, f])), fold=f, repeat=r
             ))
     return out
+
+
+def holdout_split(labels: Any, fraction: float, seed: int = 0, groups: Optional[Any] = None):
+    r"""One seeded split of bags into ``(rest, held_out)``, stratified by label and keeping every
+    group (patient) on one side.
+
+    Without groups: ``sklearn``'s ``train_test_split`` with ``test_size = ⌈fraction · B⌉``,
+    stratified when every class has at least two bags (else unstratified). With groups:
+    ``StratifiedGroupKFold`` with :math:`\max(2, \mathrm{round}(1/\text{fraction}))` folds, the
+    first fold held out, so about ``fraction`` of the bags and no group on both sides.
+
+    Args:
+        labels: bag labels ``[B]``.
+        fraction (float): share held out, ``0 < fraction < 1``.
+        seed (int): seed (default ``0``).
+        groups (optional): one group (case) id per bag (default ``None``: each bag its own group).
+
+    Returns:
+        ``(rest, held_out)``: sorted index lists, both non-empty.
+
+    Raises:
+        ValueError: ``fraction`` outside ``(0, 1)``, fewer than two bags, or fewer groups than
+            the grouped split needs.
+    """
+    from sklearn.model_selection import StratifiedGroupKFold, train_test_split
+
+    y = _as_labels(labels)
+    n = len(y)
+    if not 0.0 < float(fraction) < 1.0:
+        raise ValueError(f"holdout_split: 'fraction' must be in (0, 1), got {fraction!r}")
+    if n < 2:
+        raise ValueError(f"holdout_split: needs at least 2 bags, got {n}")
+    idx = np.arange(n)
+    if groups is None or len(np.unique(np.asarray(groups))) == n:
+        n_held = min(n - 1, max(1, int(np.ceil(float(fraction) * n))))
+        counts = np.bincount(y)
+        counts = counts[counts > 0]
+        strat = y if counts.min() >= 2 and n_held >= len(counts) and n - n_held >= len(counts) else None
+        a, b = train_test_split(idx, test_size=n_held, stratify=strat, random_state=seed, shuffle=True)
+        return _sorted(a), _sorted(b)
+    g_raw = np.asarray(groups.cpu().numpy() if hasattr(groups, "cpu") else groups).reshape(-1)
+    if len(g_raw) != n:
+        raise ValueError(f"holdout_split: 'groups' has {len(g_raw)} entries but 'labels' has {n}")
+    _, g = np.unique(g_raw, return_inverse=True)
+    n_splits = max(2, int(round(1.0 / float(fraction))))
+    n_groups = int(g.max()) + 1
+    if n_groups < 2:
+        raise ValueError("holdout_split: all bags belong to one group (patient); nothing can be held out")
+    n_splits = min(n_splits, n_groups)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*least populated class.*", category=UserWarning)
+        splitter = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
+        rest, held = next(iter(splitter.split(np.zeros(n), y, g)))
+    return _sorted(rest), _sorted(held)

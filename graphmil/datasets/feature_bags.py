@@ -20,7 +20,7 @@ from graphmil.io.readers import read_bag
 from graphmil.io.writers import write_bag
 from graphmil.transforms.graph import GridGraph
 
-__all__ = ["FeatureBagDataset", "read_labels", "default_cache_root"]
+__all__ = ["FeatureBagDataset", "read_labels", "default_cache_root", "normalize_slide_id"]
 
 PathLike = Union[str, os.PathLike]
 CACHE_VERSION = 1
@@ -36,8 +36,13 @@ def default_cache_root() -> Path:
     return Path(base) / "graphmil"
 
 
-def _norm_id(slide_id: str) -> str:
+def normalize_slide_id(slide_id: str) -> str:
+    """A slide id as graphmil matches it: stripped, without a WSI / feature-file extension
+    (``TCGA-01.svs`` → ``TCGA-01``)."""
     return _WSI_EXT.sub("", str(slide_id).strip())
+
+
+_norm_id = normalize_slide_id
 
 
 def read_labels(labels: Any, label_column: str = "label") -> Dict[str, Tuple[str, Optional[str]]]:

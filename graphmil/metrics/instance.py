@@ -8,7 +8,7 @@ from typing import Dict, Optional, Tuple
 
 import numpy as np
 
-from graphmil.metrics.bag import to_numpy
+from graphmil.metrics.bag import UndefinedMetricWarning, to_numpy
 
 __all__ = [
     "instance_auroc",
@@ -40,7 +40,7 @@ def _auc(s: np.ndarray, y: np.ndarray, name: str) -> float:
     y = (y > 0).astype(np.int64)
     if y.size == 0 or y.min() == y.max():
         warnings.warn(f"{name} is undefined: the labelled instances hold one class only "
-                      f"({y.size} labelled); reporting NaN", RuntimeWarning, stacklevel=3)
+                      f"({y.size} labelled); reporting NaN", UndefinedMetricWarning, stacklevel=3)
         return float("nan")
     return float(roc_auc_score(y, s))
 
@@ -102,7 +102,7 @@ def best_threshold(scores, y_inst) -> Tuple[float, float]:
     s, y, _ = _labelled(scores, y_inst)
     y = (y > 0).astype(np.int64)
     if y.size == 0 or y.min() == y.max():
-        warnings.warn("best_threshold is undefined: one class only; reporting NaN", RuntimeWarning,
+        warnings.warn("best_threshold is undefined: one class only; reporting NaN", UndefinedMetricWarning,
                       stacklevel=2)
         return float("nan"), float("nan")
     fpr, tpr, thr = roc_curve(y, s, drop_intermediate=False)
@@ -126,7 +126,7 @@ def per_bag_instance_auroc(scores, y_inst, index) -> float:
             aucs.append(roc_auc_score(y[m], s[m]))
     if not aucs:
         warnings.warn("per-bag instance AUROC is undefined: no bag has both instance classes; "
-                      "reporting NaN", RuntimeWarning, stacklevel=2)
+                      "reporting NaN", UndefinedMetricWarning, stacklevel=2)
         return float("nan")
     return float(np.mean(aucs))
 
@@ -167,7 +167,7 @@ def instance_metrics(scores, y_inst, index, bag_pred=None) -> Dict[str, float]:
     if y.size == 0 or (y < 0).all():
         return {}
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)
+        warnings.filterwarnings("ignore", category=UndefinedMetricWarning)
         out = {"instance_auroc": instance_auroc(scores, y_inst)}
         if bag_pred is not None:
             out["instance_auroc_sm"] = sm_instance_auroc(scores, y_inst, index, bag_pred)

@@ -9,7 +9,12 @@ from dataclasses import dataclass, field, fields
 from typing import Any, Dict, List, Optional, Union
 
 __all__ = ["TrainConfig", "ModelConfig", "DataConfig", "CVConfig", "ExperimentConfig",
-           "load_config", "dump_config", "config_from_dict"]
+           "load_config", "dump_config", "config_from_dict", "MONITORS"]
+
+
+#: validation metrics ``TrainConfig.monitor`` may name (keys of :func:`graphmil.train.evaluate`)
+MONITORS = ("loss", "auroc", "accuracy", "f1", "precision", "recall", "instance_auroc", "instance_auroc_sm",
+            "instance_auroc_per_bag", "entropy_mean", "entropy_norm_mean", "auroc_minus_loss")
 
 
 @dataclass
@@ -48,6 +53,10 @@ class TrainConfig:
         progress (bool): tqdm progress bars (default ``True``).
         ddp_find_unused_parameters (bool): passed to DDP under ``torchrun`` (default ``False``:
             every registered model uses all its parameters in each step).
+        prepare (str): when :func:`graphmil.train.fit` calls ``model.prepare(train_set)``:
+            ``"auto"`` (only when the model is not prepared yet: a CASii given ``keys=`` keeps
+            them) or ``"always"`` (rebuild, e.g. CASii's key bank, from the training split)
+            (default ``"auto"``). A resumed fit never re-prepares.
     """
 
     epochs: int = 20
@@ -74,6 +83,7 @@ class TrainConfig:
     eval_batch_size: int = 16
     progress: bool = True
     ddp_find_unused_parameters: bool = False
+    prepare: str = "auto"
 
     def __post_init__(self) -> None:
         if self.epochs < 1:
@@ -84,6 +94,10 @@ class TrainConfig:
             raise ValueError(f"TrainConfig: 'optimizer' must be 'adam' or 'adamw', got {self.optimizer!r}")
         if self.scheduler.lower() not in ("none", "cosine", "constant"):
             raise ValueError(f"TrainConfig: 'scheduler' must be 'none', 'cosine' or 'constant', got {self.scheduler!r}")
+        if self.monitor not in MONITORS:
+            close = difflib.get_close_matches(str(self.monitor), MONITORS, n=1)
+            hint = f" Did you mean '{close[0]}'?" if close else ""
+            raise ValueError(f"TrainConfig: unknown 'monitor' {self.monitor!r}.{hint} Known: {', '.join(MONITORS)}")
         if self.monitor_mode not in ("auto", "max", "min"):
             raise ValueError(f"TrainConfig: 'monitor_mode' must be 'auto', 'max' or 'min', got {self.monitor_mode!r}")
         if isinstance(self.class_weights, str) and self.class_weights != "balanced":
@@ -92,6 +106,10 @@ class TrainConfig:
             raise ValueError(f"TrainConfig: 'aem_lambda' must be >= 0, got {self.aem_lambda}")
         if self.warmup_epochs < 0:
             raise ValueError(f"TrainConfig: 'warmup_epochs' must be >= 0, got {self.warmup_epochs}")
+        if self.warmup_epochs > 0 and not 0.0 < self.warmup_start_factor <= 1.0:
+            raise ValueError(f"TrainConfig: 'warmup_start_factor' must be in (0, 1], got {self.warmup_start_factor}")
+        if self.prepare not in ("auto", "always"):
+            raise ValueError(f"TrainConfig: 'prepare' must be 'auto' or 'always', got {self.prepare!r}")
 
 
 @dataclass
@@ -113,25 +131,30 @@ class DataConfig:
         root (str, optional): data folder (``$GRAPHMIL_DATA`` or ``../shared/data`` for named sets).
         labels (str, optional): labels CSV/TSV for ``"folder"``.
         kwargs (dict): other dataset constructor arguments.
-        num_classes (int): model output width (default ``1``: binary with BCE).
+        num_classes (int, optional): model output width (default ``None``: inferred from the
+            labels, ``1`` — one logit with BCE — for two classes, ``C`` for ``C > 2``). A value
+            that does not fit the labels is an error before anything is written.
     """
 
     dataset: str = "synthetic"
     root: Optional[str] = None
     labels: Optional[str] = None
     kwargs: Dict[str, Any] = field(default_factory=dict)
-    num_classes: int = 1
+    num_classes: Optional[int] = None
 
 
 @dataclass
 class CVConfig:
     """Cross-validation: ``folds`` outer folds (``1`` = a single train/test split of
-    ``test_fraction``) × ``seeds``, inner validation split ``val_fraction`` of each training fold."""
+    ``test_fraction``) × ``seeds``, inner validation split ``val_fraction`` of each training fold.
+    Every split keeps the slides of a ``case_id`` together. ``splits`` loads explicit splits
+    instead: a graphmil ``splits.csv`` or CLAM's ``splits_{k}.csv`` (a file or a folder of them)."""
 
     folds: int = 1
     seeds: List[int] = field(default_factory=lambda: [0])
     val_fraction: float = 0.2
     test_fraction: float = 0.25
+    splits: Optional[str] = None
 
 
 @dataclass

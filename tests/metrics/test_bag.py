@@ -83,3 +83,50 @@ def test_bad_input():
         bag_metrics(np.zeros((3, 1)), [0, 1])
     with pytest.raises(ValueError, match="average"):
         bag_metrics(np.zeros((2, 1)), [0, 1], average="micro")
+
+
+@pytest.mark.parametrize("C", [2, 3])
+def test_classification_summary_equals_sklearn(C):
+    """The bootstrap's fast metrics against scikit-learn, with tied scores."""
+    from sklearn.metrics import (accuracy_score, balanced_accuracy_score, f1_score, precision_score,
+                                 recall_score, roc_auc_score)
+
+    from graphmil.metrics import classification_summary
+
+    rng = np.random.default_rng(C)
+    y = rng.integers(0, C, 60)
+    if C == 2:
+        p = np.round(rng.random(60), 1)  # rounded: many ties
+        pred = (p >= 0.5).astype(int)
+        ref_auc, kw = roc_auc_score(y, p), dict(average="binary", zero_division=0)
+    else:
+        z = rng.normal(size=(60, C))
+        p = np.exp(z) / np.exp(z).sum(1, keepdims=True)
+        pred = p.argmax(1)
+        ref_auc, kw = roc_auc_score(y, p, multi_class="ovr", average="macro"), dict(average="macro", zero_division=0)
+    m = classification_summary(y, p)
+    assert m["auroc"] == pytest.approx(ref_auc)
+    assert m["accuracy"] == pytest.approx(accuracy_score(y, pred))
+    assert m["balanced_accuracy"] == pytest.approx(balanced_accuracy_score(y, pred))
+    assert m["f1"] == pytest.approx(f1_score(y, pred, **kw))
+    assert m["precision"] == pytest.approx(precision_score(y, pred, **kw))
+    assert m["recall"] == pytest.approx(recall_score(y, pred, **kw))
+    assert np.isnan(classification_summary(np.zeros(5), np.linspace(0, 1, 5))["auroc"])
+
+
+def test_bootstrap_ci_resamples_groups_and_brackets_the_value():
+    from graphmil.metrics import bootstrap_ci
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=40)
+    groups = np.repeat(np.arange(10), 4)
+    ci = bootstrap_ci(lambda idx: float(x[idx].mean()), 40, groups=groups, num_samples=400, seed=1)
+    assert ci["value"] == pytest.approx(x.mean()) and ci["low"] < x.mean() < ci["high"]
+    # a group drawn brings all its items: with one group per item value, replicate means are
+    # means of whole groups -> the interval matches a bootstrap over the 10 group means
+    gm = x.reshape(10, 4).mean(1)
+    r = np.random.default_rng(1)
+    ref = [gm[r.integers(0, 10, 10)].mean() for _ in range(400)]
+    assert ci["low"] == pytest.approx(np.quantile(ref, 0.025)) and ci["high"] == pytest.approx(np.quantile(ref, 0.975))
+    d = bootstrap_ci(lambda idx: {"a": float(x[idx].mean()), "nan": float("nan")}, 40, num_samples=20)
+    assert d["nan"]["num_samples"] == 0 and np.isnan(d["nan"]["low"]) and d["a"]["num_samples"] == 20

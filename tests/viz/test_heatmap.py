@@ -325,3 +325,28 @@ def test_refuses_overwrite_and_bad_input(tmp_path):
         plot_heatmap(np.zeros((2, 2)), np.zeros(2), b, patch_size=1, mpp=-1)
     assert sorted(x.name for x in tmp_path.iterdir()) == ["a.png"]
 
+
+def test_heatmap_of_prediction_draws_the_record_as_plot_heatmap_would(tmp_path):
+    """The record helper is plot_heatmap on the record's own fields (same PNG bytes)."""
+    from graphmil.train.inference import BagPrediction
+    from graphmil.viz.heatmap import display_values, heatmap_of_prediction, heatmap_title, plot_heatmap
+
+    rng = np.random.default_rng(0)
+    pos = np.stack(np.meshgrid(np.arange(6), np.arange(5)), -1).reshape(-1, 2) * 512
+    logits = rng.normal(size=30)
+    att = np.exp(logits) / np.exp(logits).sum()
+    y_inst = (logits > 1).astype(np.int64)
+    rec = BagPrediction(index=0, slide_id="s1", case_id="c1", label=1, logits=np.array([0.4]),
+                        probabilities=np.array([0.4, 0.6]), pos=pos, instance_scores=logits,
+                        attention=att, y_inst=y_inst, meta={"patch_size_level0": 512})
+    title = heatmap_title("s1", label_name="tumor", prob=0.6, prob_name="tumor", pred_name="tumor")
+    for scale, values, label in (("minmax", logits, "instance score"),
+                                 ("attention", display_values(att, "attention"), "attention"),
+                                 ("probability", 1 / (1 + np.exp(-logits)), "instance probability")):
+        a = heatmap_of_prediction(rec, str(tmp_path / f"a_{scale}.png"), ["normal", "tumor"], scale=scale)
+        b = plot_heatmap(pos, values, str(tmp_path / f"b_{scale}.png"), patch_size=512.0, title=title,
+                         labels=y_inst, colorbar_label=label, scale=scale)
+        assert open(a, "rb").read() == open(b, "rb").read(), scale
+    rec.pos = None
+    with pytest.raises(ValueError, match="no positions"):
+        heatmap_of_prediction(rec, str(tmp_path / "x.png"))
