@@ -1,5 +1,5 @@
-"""Readers and writers for CLAM, TRIDENT and graphmil's own bag files; score export."""
+"""Readers and writers for CLAM, TRIDENT and graphmil's own bag files; score export (h5, QuPath GeoJSON, CSV)."""
 
 from graphmil._lazy import lazy_namespace
 
-__getattr__, __dir__ = lazy_namespace(__name__, ["readers", "writers", "folders", "synthetic_folder"])
+__getattr__, __dir__ = lazy_namespace(__name__, ["readers", "writers", "folders", "synthetic_folder", "geojson"])
