@@ -185,7 +185,6 @@ def cmd_eval(args) -> int:
         raise CLIError("give either --run DIR (a cross-validation run) or --checkpoint FILE with a data source")
     if args.run:
         from graphmil.train.cv import evaluate_run
-        from graphmil.train.data import source_folders
 
         if not os.path.isdir(args.run):
             raise CLIError(f"--run '{args.run}' is not a folder")
@@ -344,7 +343,8 @@ def cmd_export(args) -> int:
     out = args.out or _free_dir("runs", "export")
     if args.run:
         from graphmil.train.data import source_folders
-        from graphmil.viz.report import _run_dataset, out_of_fold_predictions
+        from graphmil.train.cv import run_dataset
+        from graphmil.viz.report import out_of_fold_predictions
 
         if not os.path.isdir(args.run):
             raise CLIError(f"--run '{args.run}' is not a folder")
@@ -353,7 +353,7 @@ def cmd_export(args) -> int:
         else:
             from graphmil.train.config import load_config
 
-            dataset = _run_dataset(args.run)
+            dataset = run_dataset(args.run)
             sources = source_folders(dataset, load_config(os.path.join(args.run, "config.yaml")).data)
         _check_out(out, sources)
         oof = list(out_of_fold_predictions(args.run, dataset, seed=args.seed, batch_size=args.batch_size))

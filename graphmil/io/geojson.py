@@ -481,10 +481,10 @@ def region_features(geometry, name: str = "predicted region", classification: Op
 
 
 def _target(path: PathLike, source_dir, overwrite: bool, fn: str) -> Path:
-    from graphmil.io.writers import _inside_source_folder
+    from graphmil.io.writers import inside_source_folder
 
     path = Path(path)
-    why = _inside_source_folder(path, source_dir)
+    why = inside_source_folder(path, source_dir)
     if why is not None:
         raise ValueError(f"{fn}: refusing to write {path}: {why} (graphmil never writes into source folders)")
     if path.exists() and not overwrite:

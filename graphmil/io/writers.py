@@ -81,7 +81,7 @@ def write_bag(path: PathLike, data: Data) -> Path:
     return path
 
 
-def _inside_source_folder(target: Path, source_dir: Optional[PathLike]) -> Optional[str]:
+def inside_source_folder(target: Path, source_dir: Optional[PathLike]) -> Optional[str]:
     """Return why ``target`` looks like a user's source feature folder, else None."""
     target_dir = target.resolve().parent
     if source_dir is not None:
@@ -149,7 +149,7 @@ def write_scores(
         if not np.isfinite(arr).all():
             raise ValueError(f"write_scores: score '{name}' has NaN or Inf values")
         arrays[name] = arr.astype(np.float32, copy=False)
-    why = _inside_source_folder(path, source_dir)
+    why = inside_source_folder(path, source_dir)
     if why is not None:
         raise ValueError(f"write_scores: refusing to write {path}: {why} (graphmil never writes into source folders)")
     if path.exists() and not overwrite:

@@ -42,10 +42,10 @@ def bag_task_loss(logits: Tensor, y: Tensor, pos_weight: Tensor | None = None,
 
 
 #: Constructor arguments that are not hyperparameters: they come from the data.
-_DATA_ARGS = ("in_channels", "num_classes")
+DATA_ARGS = ("in_channels", "num_classes")
 
 
-def _constructor_parameters(cls: type) -> Tuple[Dict[str, Any], bool]:
+def constructor_parameters(cls: type) -> Tuple[Dict[str, Any], bool]:
     """``({name: default}, open)`` of the hyperparameters ``cls(...)`` accepts besides
     ``in_channels``/``num_classes``, in signature order (``inspect.Parameter.empty`` for a required
     one). A constructor taking ``**kwargs`` (or ``*args``) passes them on to its parent's, whose
@@ -63,7 +63,7 @@ def _constructor_parameters(cls: type) -> Tuple[Dict[str, Any], bool]:
         for p in inspect.signature(inspect.unwrap(init)).parameters.values():
             if p.kind in (p.VAR_KEYWORD, p.VAR_POSITIONAL):
                 passes_on = True
-            elif p.name != "self" and p.name not in _DATA_ARGS and p.name not in params:
+            elif p.name != "self" and p.name not in DATA_ARGS and p.name not in params:
                 params[p.name] = p.default
         if not passes_on:
             break
@@ -87,9 +87,9 @@ def _bound_hparams(cls: type, sig: inspect.Signature, args, kwargs) -> Dict[str,
                 return None
         elif kind is inspect.Parameter.VAR_KEYWORD:
             given.update(value)
-        elif name != "self" and name not in _DATA_ARGS:
+        elif name != "self" and name not in DATA_ARGS:
             given[name] = value
-    defaults, _ = _constructor_parameters(cls)
+    defaults, _ = constructor_parameters(cls)
     out = {k: given.pop(k, d) for k, d in defaults.items() if k in given or d is not inspect.Parameter.empty}
     out.update(given)
     return {k: (list(v) if isinstance(v, list) else dict(v) if isinstance(v, dict) else v) for k, v in out.items()}

@@ -83,9 +83,9 @@ def model_parameters(name: str) -> Dict[str, Any]:
     Args:
         name (str): a registered model name (case-insensitive).
     """
-    from graphmil.models.base import _constructor_parameters
+    from graphmil.models.base import constructor_parameters
 
-    params, _ = _constructor_parameters(get_model_class(name))
+    params, _ = constructor_parameters(get_model_class(name))
     return dict(params)
 
 
@@ -105,14 +105,14 @@ def check_model_kwargs(name: str, kwargs: Mapping[str, Any], where: str = "model
             Accepted: embed_dim, attention_dim, ...``. A model whose constructor takes ``**kwargs``
             it does not pass on to a named parameter accepts every key.
     """
-    from graphmil.models.base import _DATA_ARGS, _constructor_parameters
+    from graphmil.models.base import DATA_ARGS, constructor_parameters
 
     cls = get_model_class(name)
     key_name = str(name).lower()
-    accepted, open_ = _constructor_parameters(cls)
+    accepted, open_ = constructor_parameters(cls)
     for key in kwargs:
         key = str(key)
-        if key in _DATA_ARGS:
+        if key in DATA_ARGS:
             raise ValueError(f"{where}.{key}: '{key}' of model '{key_name}' is create_model's own argument "
                              f"(set from the data), not one of the model's kwargs")
         if key in accepted or open_:

@@ -35,7 +35,7 @@ from graphmil.train.runs import (FoldPlan, check_no_leak, make_run_dir, predicti
                                  write_rows, write_splits)
 
 __all__ = ["CVResult", "cross_validate", "plan_folds", "summarize", "pooled_metrics", "check_model",
-           "evaluate_run", "fold_checkpoint"]
+           "evaluate_run", "fold_checkpoint", "run_dataset"]
 
 #: bootstrap replicates of the pooled out-of-fold metrics
 BOOTSTRAP_SAMPLES = 1000
@@ -365,6 +365,21 @@ def fold_checkpoint(fold_dir: str) -> str:
     return os.path.join(fold_dir, "checkpoints", f"{which}.pt")
 
 
+def run_dataset(run_dir: str):
+    """The dataset of a run, rebuilt from its ``config.yaml`` (the ``data`` section).
+
+    Raises:
+        ValueError: the run has no ``config.yaml``.
+    """
+    from graphmil.train.config import load_config
+    from graphmil.train.data import build_dataset
+
+    cfg_path = os.path.join(run_dir, "config.yaml")
+    if not os.path.isfile(cfg_path):
+        raise ValueError(f"'{run_dir}' has no config.yaml; pass the dataset")
+    return build_dataset(load_config(cfg_path).data)
+
+
 def evaluate_run(run_dir: str, dataset=None, batch_size: int = 16,
                  bootstrap: int = BOOTSTRAP_SAMPLES) -> CVResult:
     """Score every fold's checkpoint of a cross-validation run on that fold's own test slides
@@ -393,13 +408,7 @@ def evaluate_run(run_dir: str, dataset=None, batch_size: int = 16,
     if not os.path.isfile(splits_csv):
         raise ValueError(f"'{run_dir}' has no splits.csv (is it a graphmil cross-validation run?)")
     if dataset is None:
-        from graphmil.train.config import load_config
-        from graphmil.train.data import build_dataset
-
-        cfg_path = os.path.join(run_dir, "config.yaml")
-        if not os.path.isfile(cfg_path):
-            raise ValueError(f"'{run_dir}' has no config.yaml; pass the dataset")
-        dataset = build_dataset(load_config(cfg_path).data)
+        dataset = run_dataset(run_dir)
     meta = dataset_meta(dataset)
     plans = read_splits(splits_csv, meta.slide_ids)
     ckpts = {}

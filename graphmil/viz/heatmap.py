@@ -278,7 +278,7 @@ def _fmt_len(v: float) -> str:
     return f"{int(round(v)):,}" if v >= 1 and abs(v - round(v)) < 1e-9 * max(1.0, v) else f"{v:g}"
 
 
-def _resolve_scale(scale, normalize, fn: str):
+def resolve_scale(scale, normalize, fn: str):
     """(name or tuple) from the new ``scale`` and the legacy ``normalize``."""
     if scale is None:
         if normalize not in ("minmax", "rank", None):
@@ -302,7 +302,7 @@ def _resolve_scale(scale, normalize, fn: str):
     return (lo, hi)
 
 
-def _colour_setup(s: np.ndarray, scale, attention_range, colorbar_label, fn: str):
+def colour_setup(s: np.ndarray, scale, attention_range, colorbar_label, fn: str):
     """Return (colour values, norm, colour-bar label, colour-bar extend)."""
     import matplotlib.colors as mcolors
 
@@ -403,7 +403,7 @@ def draw_heatmap(ax, pos, scores, image=None, patch_size: Optional[float] = None
         - **pos:** ``[N, 2]``; **scores:** ``[N]``; **image:** ``[H, W, 3]`` or ``[H, W]``.
     """
     fn = "draw_heatmap"
-    return _draw(fn, ax, pos, scores, image, patch_size, _resolve_scale(scale, "minmax", fn), cmap,
+    return _draw(fn, ax, pos, scores, image, patch_size, resolve_scale(scale, "minmax", fn), cmap,
                  alpha, point_size, labels, title, colorbar, colorbar_label, scale_bar, mpp,
                  attention_range)
 
@@ -435,7 +435,7 @@ def _draw(fn, ax, pos, scores, image, patch_size, sc, cmap, alpha, point_size, l
     if cmap not in colormaps:
         raise ValueError(f"{fn}: 'cmap' {cmap!r} is not a matplotlib colour map")
     cm = colormaps[cmap]
-    c, norm, cb_label, extend = _colour_setup(s, sc, attention_range, colorbar_label, fn)
+    c, norm, cb_label, extend = colour_setup(s, sc, attention_range, colorbar_label, fn)
     lab = None
     if labels is not None:
         lab = to_numpy(labels).reshape(-1)
@@ -614,7 +614,7 @@ def plot_heatmap(pos, scores, path: str, image=None, patch_size: Optional[float]
     import matplotlib.pyplot as plt
 
     fn = "plot_heatmap"
-    sc = _resolve_scale(scale, normalize, fn)
+    sc = resolve_scale(scale, normalize, fn)
     if not str(path).lower().endswith(".png"):
         raise ValueError(f"plot_heatmap: 'path' must end in .png, got '{path}'")
     if os.path.exists(path) and not overwrite:

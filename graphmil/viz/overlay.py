@@ -358,7 +358,7 @@ def overlay_heatmap(record, slide_path: PathLike, out_path: PathLike, width: int
           ``W = min(width, W_0)``.
     """
     from graphmil.io.geojson import tile_size
-    from graphmil.viz.heatmap import _colour_setup, _resolve_scale, heatmap_title
+    from graphmil.viz.heatmap import colour_setup, resolve_scale, heatmap_title
 
     fn = "overlay_heatmap"
     out_path = str(out_path)
@@ -368,10 +368,10 @@ def overlay_heatmap(record, slide_path: PathLike, out_path: PathLike, width: int
         raise ValueError(f"{fn}: '{out_path}' already exists (pass overwrite=True to replace it)")
     if record.pos is None:
         raise ValueError(f"{fn}: slide '{record.slide_id}' has no positions ('pos')")
-    sc = _resolve_scale(scale, "minmax", fn)
+    sc = resolve_scale(scale, "minmax", fn)
     ps = tile_size(record, patch_size)
     raw, what = _record_values(record, sc if isinstance(sc, str) else "minmax")
-    c, norm, cb_label, extend = _colour_setup(raw, sc, attention_range, what, fn)
+    c, norm, cb_label, extend = colour_setup(raw, sc, attention_range, what, fn)
     slide = open_slide(slide_path)
     try:
         thumb, d = slide_thumbnail(slide_path, width, slide=slide)

@@ -233,7 +233,7 @@ def out_of_fold_predictions(run_dir: str, dataset=None, seed: Optional[int] = No
             not a test slide of that seed, an unreadable checkpoint.
     """
     from graphmil.train.checkpoint import load_checkpoint, read_checkpoint
-    from graphmil.train.cv import fold_checkpoint
+    from graphmil.train.cv import fold_checkpoint, run_dataset
     from graphmil.train.data import dataset_meta, subset
     from graphmil.train.inference import predict
     from graphmil.train.runs import read_splits
@@ -242,7 +242,7 @@ def out_of_fold_predictions(run_dir: str, dataset=None, seed: Optional[int] = No
     if not os.path.isfile(splits_csv):
         raise ValueError(f"'{run_dir}' has no splits.csv (is it a graphmil train run?)")
     if dataset is None:
-        dataset = _run_dataset(run_dir)
+        dataset = run_dataset(run_dir)
     meta = dataset_meta(dataset)
     plans = read_splits(splits_csv, meta.slide_ids)
     seeds = list(dict.fromkeys(p.seed for p in plans))
@@ -270,16 +270,6 @@ def out_of_fold_predictions(run_dir: str, dataset=None, seed: Optional[int] = No
         name = str((ck.get("model_spec") or {}).get("name", type(model).__name__))
         for r in predict(model, subset(dataset, idx), batch_size=batch_size):
             yield OutOfFoldPrediction(r, p.seed, p.fold, ckpts[p.name], name)
-
-
-def _run_dataset(run_dir: str):
-    from graphmil.train.config import load_config
-    from graphmil.train.data import build_dataset
-
-    cfg_path = os.path.join(run_dir, "config.yaml")
-    if not os.path.isfile(cfg_path):
-        raise ValueError(f"'{run_dir}' has no config.yaml; pass the dataset")
-    return build_dataset(load_config(cfg_path).data)
 
 
 # ------------------------------------------------------------------------------------ drawing
@@ -648,6 +638,7 @@ def _confusion_table(m: np.ndarray, class_names: Sequence[str]) -> str:
 def _slides_section(run_dir, dataset, by_seed, seeds, class_names, num_slides, top_tiles, slides_dir, width,
                     seed, batch_size) -> str:
     from graphmil.io.geojson import tile_values
+    from graphmil.train.cv import run_dataset
 
     s = str(seed) if seed is not None else seeds[0]
     if s not in by_seed:
@@ -656,7 +647,7 @@ def _slides_section(run_dir, dataset, by_seed, seeds, class_names, num_slides, t
     why = dict(picks)
     try:
         if dataset is None:
-            dataset = _run_dataset(run_dir)
+            dataset = run_dataset(run_dir)
         oof = list(out_of_fold_predictions(run_dir, dataset, seed=int(s), slide_ids=[p for p, _ in picks],
                                            batch_size=batch_size))
     except Exception as e:  # the report stays useful without the bags

@@ -1,5 +1,4 @@
 import json
-import math
 import os
 
 import numpy as np
@@ -9,8 +8,7 @@ from torch_geometric.data import Batch
 
 from graphmil.models import create_model
 from graphmil.models.abmil import ABMIL
-from graphmil.train import (TrainConfig, bag_labels, class_weights as _class_weights, cross_validate, evaluate, fit,
-                            load_checkpoint, lr_factor, make_run_dir, subset)
+from graphmil.train import (fit, load_checkpoint, make_run_dir)
 
 
 

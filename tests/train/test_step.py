@@ -1,16 +1,11 @@
-import json
 import math
-import os
 
 import numpy as np
 import pytest
 import torch
 from torch_geometric.data import Batch
 
-from graphmil.models import create_model
-from graphmil.models.abmil import ABMIL
-from graphmil.train import (TrainConfig, bag_labels, class_weights as _class_weights, cross_validate, evaluate, fit,
-                            load_checkpoint, lr_factor, make_run_dir, subset)
+from graphmil.train import (TrainConfig, class_weights as _class_weights, fit, lr_factor)
 
 
 def test_lr_schedules(small):
