@@ -2,4 +2,4 @@
 
 from graphmil._lazy import lazy_namespace
 
-__getattr__, __dir__ = lazy_namespace(__name__, ["masking", "transformer", "casii", "anchor"])
+__getattr__, __dir__ = lazy_namespace(__name__, ["masking", "ragged", "transformer", "casii", "anchor"])

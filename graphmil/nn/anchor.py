@@ -3,9 +3,10 @@ correction (ARC), attention-based region masking, and the DAM + ARC front end ("
 
 Regions are segments of the instance set, like bags: a *global* region index ``region [N]`` with
 ids ``0..R-1`` that are unique over the batch and ordered by ``(bag, region)`` (what
-:func:`graphmil.transforms.global_region_index` and :func:`graphmil.transforms.kd_partition`
-produce). Every operation below is a segment operation over ``region`` or ``batch``; ARC pads
-region blocks internally and equals the per-region computation.
+:func:`graphmil.ops.global_region_index` and :func:`graphmil.ops.kd_partition`
+produce). Every operation below is a segment operation over ``region`` or ``batch``; ARC attends
+within each region by ragged attention (no padding to the largest region) and equals the
+per-region computation.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from torch.nn import LayerNorm, Linear, Module, ReLU, Sequential
 from torch_geometric.utils import scatter, to_dense_batch
 
 from graphmil.nn.aggr.attention import AttentionAggregation
+from graphmil.nn.ragged import ragged_attention, ranges_to_index
 from graphmil.utils import segment_count, segment_topk
 
 __all__ = [
@@ -292,10 +294,13 @@ class AnchorRegionCorrection(Module):
     :math:`\tilde R_m` do not affect the region rows that are kept; they are not computed (the
     test checks the equality against the full token set). An anchor that lies in region
     :math:`m` or its neighbour appears twice among the keys, as in the paper's concatenation.
-    All regions are processed at once: instances are sorted by region and padded into
-    ``[R, L_max, D]`` blocks (``to_dense_batch``), neighbour blocks are gathered from the same
-    tensor and anchors from a ``[B, A_max, D]`` block, with a key mask; attention is
-    :func:`torch.nn.functional.scaled_dot_product_attention`.
+    All regions are processed at once and none is padded to the largest: the key set of every
+    region is listed as rows of :math:`K, V` (its own instances, its neighbours', its bag's
+    anchors; :func:`~graphmil.nn.ragged.ranges_to_index`), and
+    :func:`~graphmil.nn.ragged.ragged_attention` attends within each region (fused flash kernel on
+    power-of-two size buckets; memory :math:`O(D \sum_m |K_m|)`, no :math:`L_{\max}^2` term, no
+    mask over the largest region). Dropout (rate ``dropout``, training only) acts on the attention
+    weights.
 
     Args:
         channels (int): ``D`` (divisible by ``heads``).
@@ -358,36 +363,24 @@ class AnchorRegionCorrection(Module):
         nbr, nvalid = region_neighbours(region_batch, B, self.neighbour, region, edge_index)
 
         q, k, v = self.lin_q(r), self.lin_k(r), self.lin_v(r)
-        perm = torch.argsort(region, stable=True)
-        rs = region[perm]
-        qd, qmask = to_dense_batch(q[perm], rs, batch_size=R)  # [R, L, D]
-        kd, _ = to_dense_batch(k[perm], rs, batch_size=R)
-        vd, _ = to_dense_batch(v[perm], rs, batch_size=R)
-        L = qd.size(1)
-        # anchors per bag
+        perm = torch.argsort(region, stable=True)  # instances grouped by region
+        size = segment_count(region, R)
+        rptr = torch.cat([size.new_zeros(1), size.cumsum(0)])
+        # anchors grouped by bag, after the instances in the source list of key rows
         a_batch = batch[anchor_index]
-        a_perm = torch.argsort(a_batch, stable=True)
-        a_idx = anchor_index[a_perm]
-        ka, amask = to_dense_batch(k[a_idx], a_batch[a_perm], batch_size=B)  # [B, A, D]
-        va, _ = to_dense_batch(v[a_idx], a_batch[a_perm], batch_size=B)
-        Kn = nbr.size(1)
-        keys = [kd, kd[nbr].reshape(R, Kn * L, D), ka[region_batch]]
-        vals = [vd, vd[nbr].reshape(R, Kn * L, D), va[region_batch]]
-        kmask = torch.cat([qmask, (qmask[nbr] & nvalid.unsqueeze(-1)).reshape(R, Kn * L), amask[region_batch]], 1)
-        keys, vals = torch.cat(keys, 1), torch.cat(vals, 1)
-        T = keys.size(1)
-
-        def heads_(t: Tensor, length: int) -> Tensor:
-            return t.view(R, length, H, d).transpose(1, 2)
-
-        att = F.scaled_dot_product_attention(
-            heads_(qd, L), heads_(keys, T), heads_(vals, T),
-            attn_mask=kmask.view(R, 1, 1, T),
-            dropout_p=self.dropout if self.training else 0.0,
-        )  # [R, H, L, d]
-        att = att.transpose(1, 2).reshape(R, L, D)[qmask]  # rows in ``perm`` order
-        out = torch.empty_like(r)
-        out[perm] = self.lin_out(att)
+        a_idx = anchor_index[torch.argsort(a_batch, stable=True)]
+        a_size = segment_count(a_batch, B)
+        a_ptr = torch.cat([a_size.new_zeros(1), a_size.cumsum(0)])
+        src = torch.cat([perm, a_idx])
+        # key set of region m: [own rows ; rows of each valid neighbour ; anchors of its bag]
+        start = torch.cat([rptr[:-1, None], rptr[nbr], (n + a_ptr[region_batch])[:, None]], 1)
+        length = torch.cat([size[:, None], size[nbr] * nvalid, a_size[region_batch][:, None]], 1)
+        pos, key_ptr = ranges_to_index(start, length)
+        att = ragged_attention(
+            q.index_select(0, perm).view(n, H, d), k.view(n, H, d), v.view(n, H, d), rptr, key_ptr,
+            key_index=src[pos], dropout_p=self.dropout if self.training else 0.0,
+        ).reshape(n, D)  # rows in ``perm`` order
+        out = torch.empty_like(r).index_copy_(0, perm, self.lin_out(att))
         return self.norm(r + out)
 
     def __repr__(self) -> str:
@@ -428,7 +421,7 @@ class AINetFrontEnd(Module):
     it — the scorer gets gradients only through a pool that uses it, since the selection is hard).
     Regions: give the global ``region`` ids (from :class:`~graphmil.transforms.RegionPartition`
     via :func:`~graphmil.transforms.global_region_index`); without them the bags are partitioned on
-    the fly by the batched :func:`~graphmil.transforms.kd_partition` of ``pos`` (no connectivity
+    the fly by the batched :func:`~graphmil.ops.kd_partition` of ``pos`` (no connectivity
     repair or reordering — precompute regions with the transform for that).
 
     Args:
@@ -498,7 +491,7 @@ class AINetFrontEnd(Module):
 
     def partition(self, pos: Tensor, batch: Tensor, num_bags: int) -> Tuple[Tensor, int]:
         """On-the-fly global region ids ``[N]`` and ``R`` from the batched k-d split of ``pos``."""
-        from graphmil.transforms.regions import kd_partition
+        from graphmil.ops.partition import kd_partition
 
         local, m = kd_partition(pos, batch, self.num_regions, num_bags, self.min_region_size)
         offset = torch.cat([m.new_zeros(1), m.cumsum(0)])

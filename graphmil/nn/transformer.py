@@ -5,13 +5,12 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 from torch.nn import LayerNorm, Linear, ModuleList
-from torch_geometric.utils import to_dense_batch
 
 from graphmil.nn.conv.sm import SmConv
-from graphmil.utils import resolve_index
+from graphmil.nn.ragged import ragged_attention
+from graphmil.utils import index_to_ptr, resolve_index
 
 __all__ = ["BagSelfAttention", "SmTransformerEncoder"]
 
@@ -28,11 +27,13 @@ class BagSelfAttention(torch.nn.Module):
         \mathrm{MHSA}(X_b) = \big[\operatorname{softmax}\big(Q_h K_h^\top/\sqrt d\big) V_h\big]_{h=1..H}
         \,(W^O),
 
-    with no attention across bags. The output projection :math:`W^O` is optional (SmTAP has none).
-    Bags of different sizes are handled by internal padding (``to_dense_batch``, after a stable
-    sort of an unsorted batch index, undone on output) with a key mask in
-    :func:`torch.nn.functional.scaled_dot_product_attention`; the result equals attention on each
-    bag alone. Memory is :math:`O(B\,H\,N_{\max}^2)` on the math kernel.
+    with no attention across bags and dropout (rate ``dropout``, training only) on the attention
+    weights. The output projection :math:`W^O` is optional (SmTAP has none). Bags are never padded
+    to the largest one: :func:`~graphmil.nn.ragged.ragged_attention` runs PyTorch's fused flash
+    kernel on power-of-two size buckets (fused varlen kernels on CUDA), so memory is
+    :math:`O(N C)` in forward and backward and the work at most :math:`4 \sum_b n_b^2 C`
+    (no :math:`B\,N_{\max}^2` term, no :math:`N_{\max} \times N_{\max}` mask). An unsorted
+    ``index`` is stably sorted first and the order restored on output.
 
     Args:
         channels (int): width ``C`` (a multiple of ``heads``).
@@ -94,17 +95,11 @@ class BagSelfAttention(torch.nn.Module):
         if n > 1 and bool((index[1:] < index[:-1]).any()):
             perm = torch.sort(index, stable=True).indices
             x, index = x[perm], index[perm]
-        dense, mask = to_dense_batch(x, index, batch_size=dim_size)  # [B, M, C], [B, M]
-        B, M, _ = dense.shape
-        d = self.channels // self.heads
-        q, k, v = self.qkv(dense).view(B, M, 3, self.heads, d).permute(2, 0, 3, 1, 4)  # [B, H, M, d] each
-        # Real queries see the real keys of their bag; padded query rows (discarded) see every key,
-        # so no row is fully masked (no NaN, also for empty bags).
-        attn_mask = (mask[:, None, :] | ~mask[:, :, None]).unsqueeze(1)  # [B, 1, M, M]
-        out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=attn_mask, dropout_p=self.dropout if self.training else 0.0
-        )
-        out = out.transpose(1, 2).reshape(B, M, self.channels)[mask]  # [N, C], sorted order
+        ptr = index_to_ptr(index, dim_size)
+        H = self.heads
+        q, k, v = self.qkv(x).view(n, 3, H, self.channels // H).unbind(1)  # [N, H, d] each
+        out = ragged_attention(q, k, v, ptr, dropout_p=self.dropout if self.training else 0.0)
+        out = out.reshape(n, self.channels)  # sorted order
         if self.proj is not None:
             out = self.proj(out)
         if perm is not None:

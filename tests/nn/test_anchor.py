@@ -93,20 +93,8 @@ def reference_arc(arc, r, region, batch, anchor_index, R, neighbours):
     return out
 
 
-@pytest.mark.parametrize("neighbour", ["next", "graph", None])
-def test_arc_equals_per_region_dense_attention(neighbour):
-    bags, batch = make_batch()
-    region, R, region_batch = global_region_index(batch)
-    B = len(bags)
-    r = torch.randn(batch.num_nodes, 16)
-    dam = AnchorMining(16)
-    anchor_index = dam(r, region, batch.batch, R, B).anchor_index
-    arc = AnchorRegionCorrection(16, heads=4, neighbour=neighbour)
-    with torch.no_grad():
-        arc.norm.weight.uniform_(0.5, 1.5)
-        arc.norm.bias.normal_()
-    got = arc(r, region, batch.batch, anchor_index, R, B, batch.edge_index)
-    # neighbours, independently
+def reference_neighbours(bags, batch, region, region_batch, R, neighbour):
+    """The neighbour regions of every region, independently of ``region_neighbours``."""
     nb = {}
     counts = [b.num_regions for b in bags]
     offs = np.cumsum([0] + counts)
@@ -120,6 +108,23 @@ def test_arc_equals_per_region_dense_attention(neighbour):
             nb[m] = sorted(set(t[(s == m) & (t != m)].tolist()))
         else:
             nb[m] = []
+    return nb
+
+
+@pytest.mark.parametrize("neighbour", ["next", "graph", None])
+def test_arc_equals_per_region_dense_attention(neighbour):
+    bags, batch = make_batch()
+    region, R, region_batch = global_region_index(batch)
+    B = len(bags)
+    r = torch.randn(batch.num_nodes, 16)
+    dam = AnchorMining(16)
+    anchor_index = dam(r, region, batch.batch, R, B).anchor_index
+    arc = AnchorRegionCorrection(16, heads=4, neighbour=neighbour)
+    with torch.no_grad():
+        arc.norm.weight.uniform_(0.5, 1.5)
+        arc.norm.bias.normal_()
+    got = arc(r, region, batch.batch, anchor_index, R, B, batch.edge_index)
+    nb = reference_neighbours(bags, batch, region, region_batch, R, neighbour)
     want = reference_arc(arc, r, region, batch.batch, anchor_index, R, nb)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
     # the graph neighbours are symmetric and within a bag
@@ -208,3 +213,73 @@ def test_bad_input():
     with pytest.raises(ValueError, match="edge_index"):
         AnchorRegionCorrection(8, heads=2, neighbour="graph")(
             torch.randn(4, 8), torch.tensor([0, 0, 1, 1]), None, torch.tensor([0, 2]))
+
+
+# ARC's ragged attention against the per-region dense reference, forward and gradients (w.r.t. the
+# input and every weight), in float64: the fused kernel's blockwise online softmax sums in another
+# order than torch.softmax, ~1e-15 relative in float64, inside torch's default float64 tolerances.
+@pytest.mark.parametrize("neighbour", ["next", "graph", None])
+@pytest.mark.parametrize("shapes,permute", [
+    (((6, 7), (3, 4), (8, 5), (1, 1)), False),  # uneven regions, a 1-instance bag and region
+    (((6, 7), (3, 4), (8, 5), (1, 1)), True),  # instances given in a permuted order
+    (((9, 8),), False),  # B = 1
+])
+def test_arc_gradients_equal_per_region_dense(neighbour, shapes, permute):
+    torch.manual_seed(0)
+    bags, batch = make_batch(shapes=shapes)
+    region, R, region_batch = global_region_index(batch)
+    B, n = len(bags), batch.num_nodes
+    nb = reference_neighbours(bags, batch, region, region_batch, R, neighbour)
+    r = torch.randn(n, 16, dtype=torch.float64)
+    anchor_index = AnchorMining(16).double()(r, region, batch.batch, R, B).anchor_index
+    bt, ei = batch.batch, batch.edge_index
+    if permute:
+        perm = torch.randperm(n)
+        inv = torch.empty_like(perm).index_copy_(0, perm, torch.arange(n))
+        r, region, bt, ei, anchor_index = r[perm], region[perm], bt[perm], inv[ei], inv[anchor_index]
+    assert (region == 0).sum() >= 1 and min(int((region == m).sum()) for m in range(R)) >= 1
+    arc = AnchorRegionCorrection(16, heads=4, neighbour=neighbour).double()
+    with torch.no_grad():
+        arc.norm.weight.uniform_(0.5, 1.5)
+        arc.norm.bias.normal_()
+    r.requires_grad_()
+    got = arc(r, region, bt, anchor_index, R, B, ei)
+    want = reference_arc(arc, r, region, bt, anchor_index, R, nb)
+    torch.testing.assert_close(got, want)
+    g = torch.randn_like(got)
+    inputs = [r, *arc.parameters()]
+    for a, b in zip(torch.autograd.grad((got * g).sum(), inputs), torch.autograd.grad((want * g).sum(), inputs)):
+        torch.testing.assert_close(a, b)
+
+
+def test_arc_has_no_region_padding_and_dropout_gradients(monkeypatch):
+    import graphmil.nn.ragged as ragged
+
+    calls = []
+    sdpa = F.scaled_dot_product_attention
+
+    def spy(q, k, v, attn_mask=None, **kw):
+        calls.append((q.size(0), q.size(2), k.size(2)))
+        return sdpa(q, k, v, attn_mask=attn_mask, **kw)
+
+    monkeypatch.setattr(ragged.F, "scaled_dot_product_attention", spy)
+    # two bags: one of a single 300-instance region, one of three 1-instance regions
+    region = torch.repeat_interleave(torch.arange(4), torch.tensor([300, 1, 1, 1]))
+    batch = torch.tensor([0] * 300 + [1] * 3)
+    anchor_index = torch.tensor([0, 300, 301, 302])
+    arc = AnchorRegionCorrection(8, heads=2, neighbour="next")
+    arc(torch.randn(303, 8), region, batch, anchor_index, 4, 2)
+    # region 0: 300 queries, keys = itself + 1 anchor (no neighbour); regions 1-3: 1 query,
+    # keys = itself + next region + 3 anchors; never padded to the 300-instance region
+    assert sorted(calls) == [(1, 300, 301), (3, 1, 5)]
+    monkeypatch.undo()
+    # attention dropout: the checkpointed blocks give exact gradients for a fixed seed
+    arc = AnchorRegionCorrection(4, heads=2, dropout=0.5).double().train()
+    region, batch = torch.tensor([0, 0, 1, 1, 1, 2]), torch.tensor([0, 0, 0, 0, 0, 1])
+    r = torch.randn(6, 4, dtype=torch.float64, requires_grad=True)
+
+    def f(r):
+        torch.manual_seed(5)
+        return arc(r, region, batch, torch.tensor([1, 3, 5]), 3, 2)
+
+    assert torch.autograd.gradcheck(f, (r,))
