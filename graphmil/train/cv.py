@@ -35,7 +35,7 @@ from graphmil.train.runs import (FoldPlan, check_no_leak, make_run_dir, predicti
                                  write_rows, write_splits)
 
 __all__ = ["CVResult", "cross_validate", "plan_folds", "summarize", "pooled_metrics", "check_model",
-           "evaluate_run", "fold_checkpoint", "run_dataset"]
+           "evaluate_run", "fold_checkpoint", "run_dataset", "run_folds"]
 
 #: bootstrap replicates of the pooled out-of-fold metrics
 BOOTSTRAP_SAMPLES = 1000
@@ -380,6 +380,33 @@ def run_dataset(run_dir: str):
     return build_dataset(load_config(cfg_path).data)
 
 
+def run_folds(run_dir: str, dataset=None):
+    """What scoring a finished run needs, checked before any work: ``(dataset, meta, plans,
+    checkpoints)`` — the dataset (default: rebuilt from ``config.yaml``), its
+    :class:`DatasetMeta`, the folds of ``splits.csv`` and each fold's kept checkpoint
+    (:func:`fold_checkpoint`, ``{fold name: path}``), every one of them readable.
+
+    Raises:
+        ValueError: naming the file: no ``splits.csv``, a slide of it missing from the dataset, a
+            missing or unreadable checkpoint.
+    """
+    from graphmil.train.checkpoint import read_checkpoint
+
+    splits_csv = os.path.join(run_dir, "splits.csv")
+    if not os.path.isfile(splits_csv):
+        raise ValueError(f"'{run_dir}' has no splits.csv (is it a graphmil cross-validation run?)")
+    if dataset is None:
+        dataset = run_dataset(run_dir)
+    meta = dataset_meta(dataset)
+    plans = read_splits(splits_csv, meta.slide_ids)
+    ckpts = {}
+    for p in plans:
+        path = fold_checkpoint(os.path.join(run_dir, p.name))
+        read_checkpoint(path)
+        ckpts[p.name] = path
+    return dataset, meta, plans, ckpts
+
+
 def evaluate_run(run_dir: str, dataset=None, batch_size: int = 16,
                  bootstrap: int = BOOTSTRAP_SAMPLES) -> CVResult:
     """Score every fold's checkpoint of a cross-validation run on that fold's own test slides
@@ -401,21 +428,10 @@ def evaluate_run(run_dir: str, dataset=None, batch_size: int = 16,
             checkpoint, a slide of ``splits.csv`` missing from the dataset.
     """
     from graphmil.metrics.bag import ignore_undefined_metrics
-    from graphmil.train.checkpoint import load_checkpoint, read_checkpoint
+    from graphmil.train.checkpoint import load_checkpoint
     from graphmil.train.inference import metrics_from_predictions, predict
 
-    splits_csv = os.path.join(run_dir, "splits.csv")
-    if not os.path.isfile(splits_csv):
-        raise ValueError(f"'{run_dir}' has no splits.csv (is it a graphmil cross-validation run?)")
-    if dataset is None:
-        dataset = run_dataset(run_dir)
-    meta = dataset_meta(dataset)
-    plans = read_splits(splits_csv, meta.slide_ids)
-    ckpts = {}
-    for p in plans:  # every checkpoint readable before any work
-        path = fold_checkpoint(os.path.join(run_dir, p.name))
-        read_checkpoint(path)
-        ckpts[p.name] = path
+    dataset, meta, plans, ckpts = run_folds(run_dir, dataset)
     rows, preds, class_names = [], [], None
     for p in plans:
         model, _ = load_checkpoint(ckpts[p.name])

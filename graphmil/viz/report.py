@@ -232,19 +232,13 @@ def out_of_fold_predictions(run_dir: str, dataset=None, seed: Optional[int] = No
         ValueError: naming the file or slide: no ``splits.csv``, a seed not in it, a slide that is
             not a test slide of that seed, an unreadable checkpoint.
     """
-    from graphmil.train.checkpoint import load_checkpoint, read_checkpoint
-    from graphmil.train.cv import fold_checkpoint, run_dataset
-    from graphmil.train.data import dataset_meta, subset
+    from graphmil.train.checkpoint import load_checkpoint
+    from graphmil.train.cv import run_folds
+    from graphmil.train.data import subset
     from graphmil.train.inference import predict
-    from graphmil.train.runs import read_splits
 
     splits_csv = os.path.join(run_dir, "splits.csv")
-    if not os.path.isfile(splits_csv):
-        raise ValueError(f"'{run_dir}' has no splits.csv (is it a graphmil train run?)")
-    if dataset is None:
-        dataset = run_dataset(run_dir)
-    meta = dataset_meta(dataset)
-    plans = read_splits(splits_csv, meta.slide_ids)
+    dataset, meta, plans, ckpts = run_folds(run_dir, dataset)
     seeds = list(dict.fromkeys(p.seed for p in plans))
     use = seeds[0] if seed is None else int(seed)
     if use not in seeds:
@@ -257,11 +251,6 @@ def out_of_fold_predictions(run_dir: str, dataset=None, seed: Optional[int] = No
         missing = sorted(want - tested)
         if missing:
             raise ValueError(f"{splits_csv}: slide(s) {', '.join(missing[:5])} are not test slides of seed {use}")
-    ckpts = {}
-    for p in plans:
-        path = fold_checkpoint(os.path.join(run_dir, p.name))
-        read_checkpoint(path)
-        ckpts[p.name] = path
     for p in plans:
         idx = [i for i in p.test if want is None or meta.slide_ids[i] in want]
         if not idx:
